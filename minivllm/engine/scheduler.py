@@ -1,0 +1,121 @@
+"""Continuous batching: which sequences run in the next step, and how many tokens each.
+
+Steps are either prefill steps (new prompts, and the next chunk of prompts that did not
+fit the token budget) or decode steps (one token for every running sequence), as in
+nano-vLLM: pure decode steps are what CUDA graphs replay. When the KV cache runs out, the
+most recently admitted sequence is preempted: its blocks are freed and it is recomputed
+later (cheaply, when its prefix is still cached).
+"""
+from collections import deque
+
+from minivllm.config import Config
+from minivllm.engine.block_manager import BlockManager
+from minivllm.engine.sequence import Sequence, SequenceStatus
+
+
+class Scheduler:
+    def __init__(self, config: Config, eos_token_ids: set[int]):
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_model_len = config.max_model_len
+        self.enable_chunked_prefill = config.enable_chunked_prefill
+        self.eos_token_ids = eos_token_ids
+        self.block_manager = BlockManager(config.num_kvcache_blocks, config.kvcache_block_size,
+                                          config.enable_prefix_caching)
+        self.waiting: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()
+        self.num_preemptions = 0
+
+    def is_finished(self) -> bool:
+        return not self.waiting and not self.running
+
+    def add(self, seq: Sequence):
+        self.waiting.append(seq)
+
+    def schedule(self) -> tuple[list[Sequence], list[int], bool]:
+        """Returns the sequences of the next step, the tokens each computes, and is_prefill."""
+        batch = self._schedule_prefill()
+        if batch[0]:
+            return batch
+        return self._schedule_decode()
+
+    def _schedule_prefill(self):
+        seqs, num_new, budget = [], [], self.max_num_batched_tokens
+        # Prompts already running but not fully computed (chunked prefill) go first.
+        for seq in list(self.running):
+            if seq.status != SequenceStatus.RUNNING or seq.num_uncomputed_tokens <= 1 or budget == 0:
+                continue  # preempted above, or ready to decode
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not self._reserve(seq, seq.num_computed_tokens + n):
+                continue
+            seqs.append(seq), num_new.append(n)
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            hits = self.block_manager.prefix_hits(seq)
+            remaining = seq.num_tokens - len(hits) * self.block_manager.block_size
+            if remaining > budget and not self.enable_chunked_prefill:
+                break
+            n = min(remaining, budget)
+            if not self.block_manager.can_admit(seq, hits, seq.num_tokens - remaining + n):
+                break
+            self.waiting.popleft()
+            self.block_manager.admit(seq, hits)
+            self.block_manager.allocate(seq, seq.num_computed_tokens + n)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            seqs.append(seq), num_new.append(n)
+            budget -= n
+        return seqs, num_new, True
+
+    def _schedule_decode(self):
+        seqs = []
+        for seq in list(self.running):
+            if seq.status != SequenceStatus.RUNNING:  # preempted by an earlier sequence here
+                continue
+            if len(seqs) == self.max_num_seqs:
+                break
+            if self._reserve(seq, seq.num_tokens):
+                seqs.append(seq)
+        return seqs, [1] * len(seqs), False
+
+    def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
+        """Make room for ``seq`` to hold ``num_tokens`` tokens, preempting the newest others."""
+        bm = self.block_manager
+        while bm.blocks_needed(seq, num_tokens) > bm.num_free_blocks:
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        bm.allocate(seq, num_tokens)
+        return True
+
+    def _preempt(self, seq: Sequence):
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def postprocess(self, seqs: list[Sequence], num_new: list[int], next_tokens: list[int | None]):
+        """Account for a finished step; returns the sequences that finished in it."""
+        finished = []
+        for seq, n, token in zip(seqs, num_new, next_tokens):
+            seq.num_computed_tokens += n
+            self.block_manager.register_computed_blocks(seq)
+            if token is None:  # a prefill chunk that did not reach the end of the prompt
+                continue
+            seq.token_ids.append(token)
+            params = seq.sampling_params
+            if (not params.ignore_eos and token in self.eos_token_ids) or token in params.stop_token_ids:
+                seq.finish_reason = "stop"
+            elif seq.num_completion_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+                seq.finish_reason = "length"
+            else:
+                continue
+            seq.status = SequenceStatus.FINISHED
+            self.block_manager.free(seq)
+            self.running.remove(seq)
+            finished.append(seq)
+        return finished

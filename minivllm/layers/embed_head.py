@@ -1,0 +1,43 @@
+"""Vocab-parallel embedding and LM head: each tensor-parallel rank holds a slice of rows."""
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from minivllm.distributed import all_reduce, tp_rank, tp_size
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__()
+        tp = tp_size()
+        self.rows = -(-vocab_size // tp)
+        self.start = tp_rank() * self.rows
+        self.weight = nn.Parameter(torch.empty(self.rows, hidden_size), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param, loaded):
+        part = loaded[self.start:self.start + self.rows]
+        param.data.zero_()
+        param.data[:part.shape[0]].copy_(part)
+
+    def forward(self, ids):
+        if tp_size() == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        mine = (local >= 0) & (local < self.rows)
+        return all_reduce(F.embedding(local.clamp(0, self.rows - 1), self.weight) * mine.unsqueeze(-1))
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__(vocab_size, hidden_size)
+        self.vocab_size = vocab_size
+
+    def forward(self, hidden):
+        logits = F.linear(hidden, self.weight)
+        if tp_size() > 1:
+            parts = [torch.empty_like(logits) for _ in range(tp_size())]
+            dist.all_gather(parts, logits)
+            logits = torch.cat(parts, -1)
+        return logits[:, :self.vocab_size]

@@ -1,0 +1,53 @@
+"""Token sampling with counter-based randomness.
+
+Each request has a seed (its own, or one drawn from the engine's seed). The noise for its
+n-th generated token is a hash of (seed, n, token id), so a request samples the same tokens
+whatever else is in its batch, across preemptions, on any device. Sampling is the Gumbel-max
+trick: argmax(logits / T + Gumbel noise) draws from softmax(logits / T).
+"""
+import torch
+from torch import nn
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """PCG-style integer hash of int64 values in [0, 2^32); products stay below 2^63."""
+    x = (x * 747796405 + 2891336453) & _MASK32
+    x = ((x >> ((x >> 28) + 4)) ^ x) * 277803737 & _MASK32
+    return (x >> 22) ^ x
+
+
+def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Uniform (0, 1) noise ``[B, V]`` determined by (seed, step, token id) alone."""
+    row = _hash32(_hash32(seeds & _MASK32) ^ (steps & _MASK32))
+    token = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
+    bits = _hash32(row[:, None] ^ _hash32(token)[None, :])
+    return (bits.double() + 0.5) / 2.0**32
+
+
+class Sampler(nn.Module):
+    def forward(self, logits, temperatures, top_ks, top_ps, seeds, steps):
+        """logits [B, V] (fp32); per-row temperature, top_k (<= 0: off), top_p, seed, step."""
+        greedy = logits.argmax(-1)
+        if not bool((temperatures > 0).any()):
+            return greedy
+        logits = logits / temperatures.clamp(min=1e-5)[:, None]
+        if bool((top_ks > 0).any()) or bool((top_ps < 1).any()):
+            logits = _filter_top_k_top_p(logits, top_ks, top_ps)
+        gumbel = -torch.log(-torch.log(uniform_noise(seeds, steps, logits.shape[-1])))
+        sampled = (logits.double() + gumbel).argmax(-1)
+        return torch.where(temperatures > 0, sampled, greedy)
+
+
+def _filter_top_k_top_p(logits, top_ks, top_ps):
+    sorted_logits, order = logits.sort(-1, descending=True)
+    vocab = logits.shape[-1]
+    rank = torch.arange(vocab, device=logits.device)[None, :]
+    k = torch.where(top_ks > 0, top_ks, vocab)[:, None]
+    drop = rank >= k
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
+    # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
+    drop |= (probs.cumsum(-1) - probs) >= top_ps[:, None]
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)

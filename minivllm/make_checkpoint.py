@@ -1,0 +1,131 @@
+"""Writes an HF-format Qwen3 checkpoint with seeded random weights and an offline-trained
+byte-level BPE tokenizer: the embedded default model of the tests, notebooks and benchmarks.
+
+    python -m minivllm.make_checkpoint --preset qwen3-0.6b --out checkpoints/qwen3-0.6b
+
+The architecture configs of qwen3-0.6b and qwen3-8b are exactly those of the released
+models, so speed measured on them is the real models' speed; a real checkpoint directory
+loads through the same loader.
+"""
+import argparse
+import json
+import os
+import zlib
+
+import torch
+from safetensors.torch import save_file
+
+PRESETS = {
+    "qwen3-tiny": dict(vocab_size=1024, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False,
+                       max_position_embeddings=4096, torch_dtype="float32"),
+    "qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+                       max_position_embeddings=40960, torch_dtype="bfloat16"),
+    "qwen3-8b": dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
+                     max_position_embeddings=40960, torch_dtype="bfloat16"),
+}
+COMMON = dict(rms_norm_eps=1e-6, rope_theta=1000000.0, attention_bias=False, hidden_act="silu")
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "corpus.txt")
+SHARD_BYTES = 4 * 2**30
+
+
+def train_tokenizer(out_dir: str, vocab_size: int = 1024):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train([CORPUS], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def weight_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    h, i, d = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
+    nq, nkv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
+    shapes = {"model.embed_tokens.weight": (cfg["vocab_size"], h), "model.norm.weight": (h,)}
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (nq, h), p + "self_attn.k_proj.weight": (nkv, h),
+            p + "self_attn.v_proj.weight": (nkv, h), p + "self_attn.o_proj.weight": (h, nq),
+            p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,),
+            p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h), p + "mlp.down_proj.weight": (h, i),
+        })
+    if not cfg["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (cfg["vocab_size"], h)
+    return shapes
+
+
+def random_weight(name: str, shape, seed: int, dtype, device) -> torch.Tensor:
+    """Seeded per tensor, so every shard layout gives the same weights. Matrices are
+    N(0, 1/fan_in) so activations stay O(1); norm weights are 1 + N(0, 0.1^2) so that
+    folding them into the next matrix is not a no-op."""
+    gen = torch.Generator(device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    w = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+    w = 1 + 0.1 * w if len(shape) == 1 else w / shape[-1] ** 0.5
+    return w.to(dtype).cpu()
+
+
+def make_checkpoint(preset: str, out_dir: str, seed: int = 0, device: str = "cpu"):
+    from transformers import Qwen3Config
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer = train_tokenizer(out_dir)
+    cfg = {**COMMON, **PRESETS[preset]}
+    if len(tokenizer) > cfg["vocab_size"]:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than vocab_size {cfg['vocab_size']}")
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    dtype_name = cfg.pop("torch_dtype")
+    hf = Qwen3Config(**cfg, bos_token_id=eos, eos_token_id=eos, dtype=dtype_name)
+    hf.architectures = ["Qwen3ForCausalLM"]
+    hf.save_pretrained(out_dir)
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": eos, "bos_token_id": eos}, f, indent=1)
+    dtype = getattr(torch, dtype_name)
+    shards, shard, size = [], {}, 0
+    for name, shape in weight_shapes({**cfg}).items():
+        shard[name] = random_weight(name, shape, seed, dtype, device)
+        size += shard[name].numel() * shard[name].element_size()
+        if size >= SHARD_BYTES:
+            shards.append(shard)
+            shard, size = {}, 0
+    if shard:
+        shards.append(shard)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+        return out_dir
+    index = {"metadata": {"total_size": 0}, "weight_map": {}}
+    for k, shard in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
+        for name, t in shard.items():
+            index["weight_map"][name] = fname
+            index["metadata"]["total_size"] += t.numel() * t.element_size()
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f, indent=1)
+    return out_dir
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    parser.add_argument("--out", required=True, help="directory to write the checkpoint into")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="where to draw the random weights (cuda is faster)")
+    args = parser.parse_args(argv)
+    print(make_checkpoint(args.preset, args.out, args.seed, args.device))
+
+
+if __name__ == "__main__":
+    main()
