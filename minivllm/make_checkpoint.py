@@ -75,14 +75,18 @@ def random_weight(name: str, shape, seed: int, dtype, device) -> torch.Tensor:
     return w.to(dtype).cpu()
 
 
-def make_checkpoint(preset: str, out_dir: str, seed: int = 0, device: str = "cpu"):
+def make_checkpoint(preset: str, out_dir: str, seed: int = 0, device: str = "cpu", **overrides):
+    """``overrides`` change preset fields (tests use them for other head counts and tying)."""
     from transformers import Qwen3Config
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    unknown = set(overrides) - set(PRESETS[preset]) - set(COMMON)
+    if unknown:
+        raise ValueError(f"unknown config fields {sorted(unknown)}")
     os.makedirs(out_dir, exist_ok=True)
     tokenizer = train_tokenizer(out_dir)
-    cfg = {**COMMON, **PRESETS[preset]}
+    cfg = {**COMMON, **PRESETS[preset], **overrides}
     if len(tokenizer) > cfg["vocab_size"]:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than vocab_size {cfg['vocab_size']}")
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")

@@ -41,29 +41,27 @@ class Scheduler:
 
     def _schedule_prefill(self):
         seqs, num_new, budget = [], [], self.max_num_batched_tokens
-        # Prompts already running but not fully computed (chunked prefill) go first.
-        for seq in list(self.running):
-            if seq.status != SequenceStatus.RUNNING or seq.num_uncomputed_tokens <= 1 or budget == 0:
-                continue  # preempted above, or ready to decode
-            n = min(seq.num_uncomputed_tokens, budget)
-            if not self._reserve(seq, seq.num_computed_tokens + n):
-                continue
-            seqs.append(seq), num_new.append(n)
-            budget -= n
+        # Prompts already running but not fully computed (chunked prefill) go first. Their
+        # blocks were all reserved at admission, so a chunk never waits for memory.
+        for seq in self.running:
+            if seq.num_uncomputed_tokens > 1 and budget > 0:
+                n = min(seq.num_uncomputed_tokens, budget)
+                seqs.append(seq), num_new.append(n)
+                budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             hits = self.block_manager.prefix_hits(seq)
             remaining = seq.num_tokens - len(hits) * self.block_manager.block_size
             if remaining > budget and not self.enable_chunked_prefill:
                 break
-            n = min(remaining, budget)
-            if not self.block_manager.can_admit(seq, hits, seq.num_tokens - remaining + n):
+            if not self.block_manager.can_admit(seq, hits, seq.num_tokens):
                 break
             self.waiting.popleft()
             self.block_manager.admit(seq, hits)
-            self.block_manager.allocate(seq, seq.num_computed_tokens + n)
+            self.block_manager.allocate(seq, seq.num_tokens)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            n = min(remaining, budget)
             seqs.append(seq), num_new.append(n)
             budget -= n
         return seqs, num_new, True
@@ -73,6 +71,7 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status != SequenceStatus.RUNNING:  # preempted by an earlier sequence here
                 continue
+            assert seq.num_uncomputed_tokens == 1, "a prompt chunk was left out of the prefill step"
             if len(seqs) == self.max_num_seqs:
                 break
             if self._reserve(seq, seq.num_tokens):

@@ -1,0 +1,58 @@
+"""Command line: ``python -m minivllm generate --model DIR --prompt "..."``."""
+import argparse
+import json
+import sys
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m minivllm", description="minivllm offline inference")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate completions for one or more prompts")
+    gen.add_argument("--model", required=True, help="HF-format checkpoint directory (safetensors)")
+    gen.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    gen.add_argument("--prompt-file", help="a file with one prompt per line")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-k", type=int, default=-1)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None, help="per-request sampling seed")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--device", default="auto")
+    gen.add_argument("--dtype", default="auto")
+    gen.add_argument("--max-model-len", type=int, default=4096)
+    gen.add_argument("--tensor-parallel-size", type=int, default=1)
+    gen.add_argument("--fusion", default="off", choices=["off", "norm_linear", "full"])
+    gen.add_argument("--enforce-eager", action="store_true")
+    gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    args = parser.parse_args(argv)
+
+    from minivllm import LLM, SamplingParams
+
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        with open(args.prompt_file) as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+        parser.error("give at least one --prompt or a --prompt-file")
+    try:
+        params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                max_tokens=args.max_tokens, ignore_eos=args.ignore_eos, seed=args.seed)
+        llm = LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+                  tensor_parallel_size=args.tensor_parallel_size, fusion=args.fusion,
+                  enforce_eager=args.enforce_eager)
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for out in outputs:
+        c = out.outputs[0]
+        if args.json:
+            print(json.dumps({"prompt": out.prompt, "text": c.text, "token_ids": c.token_ids,
+                              "finish_reason": c.finish_reason}))
+        else:
+            print(f"{out.prompt!r} -> {c.text!r} ({len(c.token_ids)} tokens, {c.finish_reason})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Shared test fixtures' building blocks: tiny checkpoints and engine runs."""
+import functools
+import tempfile
+
+import torch
+
+from minivllm.make_checkpoint import make_checkpoint
+
+_DIR = tempfile.mkdtemp(prefix="minivllm-ckpt-")
+
+
+@functools.cache
+def tiny_checkpoint(**overrides) -> str:
+    """A qwen3-tiny checkpoint (fp32 random weights), made once per test session per config."""
+    name = "-".join(f"{k}={v}" for k, v in sorted(overrides.items())) or "default"
+    return make_checkpoint("qwen3-tiny", f"{_DIR}/{name}", **overrides)
+
+
+def random_prompts(lengths, vocab=1024, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+def greedy_tokens(llm, prompts, max_tokens=12):
+    from minivllm import SamplingParams
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True),
+                        use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
