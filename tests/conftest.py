@@ -5,6 +5,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The test models are tiny: a second intra-op thread only adds spin-waiting on 2 cores.
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
