@@ -1,0 +1,159 @@
+"""RMSNorm and fused residual-add + RMSNorm with Hugging Face Qwen3 numerics.
+
+``rmsnorm(x, gamma, eps)`` matches ``Qwen3RMSNorm``::
+
+    hidden = h.float()
+    hidden = hidden * rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
+    return gamma * hidden.to(h.dtype)
+
+``add_rmsnorm(x, residual, gamma, eps)`` first forms ``h = x + residual`` rounded to the
+model dtype (HF adds in the model dtype), writes ``h`` into ``residual`` in place, and
+returns ``(rmsnorm(h), residual)``: the returned ``h`` IS the residual tensor.
+
+This module also holds the Triton import guard and the dispatch rule shared by every
+kernel in the package: CUDA tensors run Triton; CPU tensors run Triton's interpreter when
+``TRITON_INTERPRET=1`` was set before this package was imported, else the torch reference.
+"""
+import os
+import types
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:
+    # Torch-only installs (e.g. the book build) still import the package for its
+    # references. The stand-ins let the decorators run; the kernels are never launched.
+    def _passthrough(*args, **kwargs):
+        if len(args) == 1 and callable(args[0]) and not kwargs:
+            return args[0]
+        return _passthrough
+
+    triton = types.SimpleNamespace(jit=_passthrough, autotune=_passthrough, Config=_passthrough)
+    tl = types.SimpleNamespace(constexpr=None)
+    HAVE_TRITON = False
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated, so read it once here too:
+# the dispatch below then always agrees with how the kernels were built.
+INTERPRET = HAVE_TRITON and os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether a kernel call on ``t`` runs Triton (True) or the torch reference (False)."""
+    if t.is_cuda:
+        if not HAVE_TRITON:
+            raise RuntimeError("kernels: CUDA tensors need Triton, which is not installed")
+        return True
+    return INTERPRET
+
+
+def check_tensors(op: str, **tensors: torch.Tensor) -> None:
+    """Same supported float dtype and same device for all tensors, else ValueError."""
+    first_name, first = next(iter(tensors.items()))
+    if first.dtype not in DTYPES:
+        raise ValueError(f"{op}: {first_name} has dtype {first.dtype}; expected one of {DTYPES}")
+    for name, t in tensors.items():
+        if t.dtype != first.dtype:
+            raise ValueError(f"{op}: {name} has dtype {t.dtype} but {first_name} has {first.dtype}")
+        if t.device != first.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}")
+        if t.dim() > 0 and t.stride(-1) != 1:
+            raise ValueError(f"{op}: {name} must be contiguous in its last dim (stride {t.stride(-1)})")
+
+
+@triton.jit
+def _rmsnorm_kernel(
+    X, R, G, Y,
+    stride_x, stride_r, stride_y,
+    N, eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # One program per row: a whole hidden vector fits in registers.
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    h = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
+        # Round the sum to the model dtype before normalising it, as HF does.
+        h = (h.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
+        tl.store(R + row * stride_r + cols, h, mask=mask)
+    hf = h.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(hf * hf, axis=0) / N + eps)
+    normed = (hf * rstd).to(X.dtype.element_ty)
+    g = tl.load(G + cols, mask=mask, other=0.0)
+    # HF multiplies gamma and the normalised value in the model dtype: one rounding.
+    y = g.to(tl.float32) * normed.to(tl.float32)
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+MAX_N = 65536  # one row per program, held in registers
+
+
+def _launch_rmsnorm(x, residual, gamma, eps, op):
+    if gamma.dim() != 1 or x.shape[-1] != gamma.shape[0]:
+        raise ValueError(f"{op}: gamma {tuple(gamma.shape)} must be [N] with N = x.shape[-1] of {tuple(x.shape)}")
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"{op}: residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
+        if not residual.is_contiguous():
+            raise ValueError(f"{op}: residual must be contiguous (it is updated in place)")
+        check_tensors(op, x=x, residual=residual, gamma=gamma)
+    else:
+        check_tensors(op, x=x, gamma=gamma)
+    n = x.shape[-1]
+    if n > MAX_N:
+        raise ValueError(f"{op}: rows of {n} elements exceed the {MAX_N} one program holds")
+    if not use_triton(x):
+        if residual is None:
+            return rmsnorm_ref(x, gamma, eps)
+        h = residual.copy_(x + residual)
+        return rmsnorm_ref(h, gamma, eps), h
+    x2 = x.reshape(-1, n)
+    r2 = residual.view(-1, n) if residual is not None else None
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y2 = y.view(-1, n)
+    if x2.shape[0] > 0:
+        block_n = triton.next_power_of_2(n)
+        _rmsnorm_kernel[(x2.shape[0],)](
+            x2, r2, gamma, y2,
+            x2.stride(0), r2.stride(0) if r2 is not None else 0, y2.stride(0),
+            n, eps,
+            HAS_RESIDUAL=residual is not None,
+            BLOCK_N=block_n,
+            num_warps=min(max(block_n // 512, 1), 16),
+        )
+    return y if residual is None else (y, residual)
+
+
+def rmsnorm(x: torch.Tensor, gamma: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm over the last dim of ``x`` [..., N] with weight ``gamma`` [N]; y in x's dtype."""
+    return _launch_rmsnorm(x, None, gamma, eps, "rmsnorm")
+
+
+def add_rmsnorm(
+    x: torch.Tensor, residual: torch.Tensor, gamma: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h = x + residual`` (written into ``residual`` in place); returns ``(rmsnorm(h), residual)``."""
+    return _launch_rmsnorm(x, residual, gamma, eps, "add_rmsnorm")
+
+
+def rmsnorm_ref(x: torch.Tensor, gamma: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Plain-torch RMSNorm, op for op HF's Qwen3RMSNorm (fp64 inputs stay fp64)."""
+    hidden = x.to(torch.promote_types(x.dtype, torch.float32))
+    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
+    return gamma * hidden.to(x.dtype)
+
+
+def add_rmsnorm_ref(
+    x: torch.Tensor, residual: torch.Tensor, gamma: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch ``add_rmsnorm`` that leaves its inputs alone: returns ``(y, x + residual)``."""
+    h = x + residual
+    return rmsnorm_ref(h, gamma, eps), h

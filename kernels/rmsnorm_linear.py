@@ -1,0 +1,234 @@
+"""RMSNorm fused into the linear layer that follows it (FlashNorm style).
+
+RMSNorm's weight is folded into the next projection once, at load time:
+``W' = W * gamma[None, :]`` (``fold_rmsnorm_weight``). Then
+
+    y = rmsnorm(h) @ W.T = r * (h @ W'.T),   r = rsqrt(mean(h ** 2) + eps) per row,
+
+so the kernel streams ``h`` once for the GEMM, accumulates ``sum(h ** 2)`` from the same
+tiles and applies ``r`` in the epilogue: the normalised activations never exist.
+
+``h = x + residual`` when a residual is given (rounded to the model dtype, as HF adds);
+``h`` is then also returned, written once into a NEW tensor. It cannot go into
+``residual`` in place: every column block reads ``residual``, so the block writing ``h``
+would race the others still reading it.
+
+``rms_cols_start`` applies ``r`` only to output columns ``n >= rms_cols_start``. Qwen3's
+q and k go through a per-head RMSNorm right after the qkv projection, which cancels any
+per-row scale, so for qkv pass ``rms_cols_start = (num_q_heads + num_kv_heads) * head_dim``
+and only v gets ``r`` (q and k then differ from the unfused values by the factor 1/r,
+which their own norms remove up to their eps).
+
+One kernel, two launch shapes chosen by M:
+  * M <= 64 (decode): one row block of BLOCK_M >= M rows, so every program streams a
+    BLOCK_N slice of W exactly once for all rows; small BLOCK_N gives enough programs to
+    fill the GPU, a large BLOCK_K gives wide loads and few loop steps.
+  * M > 64 (prefill): classic tiled GEMM with grouped program order for L2 reuse of W.
+Each has its own autotuner keyed on (M bucket, N, K, residual, dtype): a new prefill length
+does not retune, but the first call per key does, so warm up before CUDA-graph capture.
+"""
+import torch
+
+from kernels.rmsnorm import INTERPRET, check_tensors, tl, triton, use_triton
+
+SMALL_M = 64  # largest M run with the decode configs (one row block)
+
+
+def _configs(names, rows):
+    """Configs from rows of (*values for names, num_warps, num_stages)."""
+    return [triton.Config(dict(zip(names, row[:-2])), num_warps=row[-2], num_stages=row[-1]) for row in rows]
+
+
+_TILE = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
+if INTERPRET:
+    # The interpreter runs programs one after another on the CPU: small tiles, so tests
+    # on tiny shapes still cover several blocks, masked tails and a partial group.
+    _DECODE_CONFIGS = _configs(("BLOCK_N", "BLOCK_K"), [(32, 32, 1, 1)])
+    _PREFILL_CONFIGS = _configs(_TILE, [(32, 32, 32, 2, 1, 1)])
+else:
+    # Decode: the wrapper sets BLOCK_M from M (16/32/64, one row block). W tiles of
+    # 8-32 KB per stage keep enough bytes in flight per SM; BLOCK_N 16-32 gives 128+
+    # programs even for N = 4096. Configs that overflow shared memory for some dtype or
+    # BLOCK_M fail to compile and the autotuner skips them.
+    _DECODE_CONFIGS = _configs(("BLOCK_N", "BLOCK_K"), [
+        (16, 256, 4, 4),
+        (16, 512, 4, 3),
+        (32, 128, 4, 4),
+        (32, 256, 4, 3),
+        (32, 256, 4, 4),
+        (64, 128, 4, 4),
+        (64, 256, 8, 3),
+        (128, 128, 8, 3),
+        (32, 64, 4, 3),  # fits shared memory even for fp32 + residual at BLOCK_M = 64
+    ])
+    # Prefill: the usual H100 bf16 GEMM tiles.
+    _PREFILL_CONFIGS = _configs(_TILE, [
+        (128, 128, 64, 8, 4, 4),
+        (128, 128, 64, 8, 8, 3),
+        (128, 256, 64, 8, 8, 3),
+        (256, 128, 64, 8, 8, 3),
+        (64, 128, 64, 8, 4, 4),
+        (128, 64, 64, 8, 4, 4),
+        (64, 64, 64, 8, 4, 3),  # fits shared memory even for fp32 + residual
+    ])
+
+
+@triton.jit
+def rmsnorm_linear_kernel(
+    X, R, H, W, Y,
+    M, N, K,
+    M_BUCKET,  # only read by the autotuners' keys
+    stride_xm, stride_rm, stride_hm, stride_wn, stride_ym,
+    rms_cols_start, eps,
+    HAS_RESIDUAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped order: GROUP_M row blocks run together and share each W tile while it is in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    # h is computed by every column block (for its own dot) but written by the first only.
+    mask_h = offs_m < tl.where(pid_n == 0, M, 0)
+    rows = offs_m.to(tl.int64)[:, None]  # M * K and N * K can pass 2**31
+    w_rows = offs_n.to(tl.int64)[None, :] * stride_wn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        cols = k + offs_k
+        mask_k = cols < K
+        mask_mk = mask_m[:, None] & mask_k[None, :]
+        a = tl.load(X + rows * stride_xm + cols[None, :], mask=mask_mk, other=0.0)
+        if HAS_RESIDUAL:
+            res = tl.load(R + rows * stride_rm + cols[None, :], mask=mask_mk, other=0.0)
+            # Round the sum to the model dtype, as HF does before its norm.
+            a = (a.to(tl.float32) + res.to(tl.float32)).to(X.dtype.element_ty)
+            tl.store(H + rows * stride_hm + cols[None, :], a, mask=mask_h[:, None] & mask_k[None, :])
+        # W is [N, K] row-major: read a K-contiguous [BLOCK_K, BLOCK_N] tile.
+        b = tl.load(W + w_rows + cols[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        a32 = a.to(tl.float32)
+        sumsq += tl.sum(a32 * a32, axis=1)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    # r needs the whole row, so it can only be applied after the K loop.
+    rstd = tl.rsqrt(sumsq / K + eps)
+    scale = tl.where(offs_n[None, :] >= rms_cols_start, rstd[:, None], 1.0)
+    y = acc * scale
+    tl.store(Y + rows * stride_ym + offs_n[None, :], y.to(Y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+_KEY = ["M_BUCKET", "N", "K", "HAS_RESIDUAL"]
+_decode_kernel = triton.autotune(configs=_DECODE_CONFIGS, key=_KEY)(rmsnorm_linear_kernel)
+_prefill_kernel = triton.autotune(configs=_PREFILL_CONFIGS, key=_KEY)(rmsnorm_linear_kernel)
+
+
+def _m_bucket(m: int) -> int:
+    return min(max(triton.next_power_of_2(m), 16), 8192)
+
+
+def kernel_for(m: int):
+    """The autotuned kernel that serves M rows, and the meta-parameters the wrapper fixes.
+
+    ``kernel.best_config`` holds the config of its latest launch (the bench records it).
+    """
+    if m <= SMALL_M:
+        return _decode_kernel, {"BLOCK_M": _m_bucket(m), "GROUP_M": 1}
+    return _prefill_kernel, {}
+
+
+def launch(kernel, x, w_folded, eps, residual, rms_cols_start, **meta):
+    """Run ``kernel`` (an autotuner or the bare kernel with full meta) on checked inputs."""
+    m, k = x.shape
+    n = w_folded.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    h = torch.empty((m, k), dtype=x.dtype, device=x.device) if residual is not None else None
+    if m == 0 or n == 0:
+        return y if residual is None else (y, h)
+
+    def grid(cfg):
+        return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+
+    kernel[grid](
+        x, residual, h, w_folded, y,
+        m, n, k, _m_bucket(m),
+        x.stride(0),
+        residual.stride(0) if residual is not None else 0,
+        h.stride(0) if residual is not None else 0,
+        w_folded.stride(0), y.stride(0),
+        rms_cols_start, eps,
+        HAS_RESIDUAL=residual is not None,
+        # tl.dot would round fp32 operands to tf32; fp32 callers expect fp32 accuracy.
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        **meta,
+    )
+    return y if residual is None else (y, h)
+
+
+def _check_args(x, w_folded, residual, rms_cols_start):
+    """ValueError on anything the kernel does not handle."""
+    op = "rmsnorm_linear"
+    if x.dim() != 2 or w_folded.dim() != 2:
+        raise ValueError(f"{op}: x {tuple(x.shape)} must be [M, K] and w_folded {tuple(w_folded.shape)} [N, K]")
+    if x.shape[1] != w_folded.shape[1] or x.shape[1] == 0:
+        raise ValueError(f"{op}: K mismatch or empty: x {tuple(x.shape)}, w_folded {tuple(w_folded.shape)}")
+    if residual is None:
+        check_tensors(op, x=x, w_folded=w_folded)
+    else:
+        if residual.shape != x.shape:
+            raise ValueError(f"{op}: residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
+        check_tensors(op, x=x, w_folded=w_folded, residual=residual)
+    if not 0 <= rms_cols_start <= w_folded.shape[0]:
+        raise ValueError(f"{op}: rms_cols_start={rms_cols_start} outside [0, N={w_folded.shape[0]}]")
+
+
+def rmsnorm_linear(
+    x: torch.Tensor,
+    w_folded: torch.Tensor,
+    eps: float = 1e-6,
+    residual: torch.Tensor | None = None,
+    rms_cols_start: int = 0,
+):
+    """``y = rmsnorm(h) @ W.T`` [M, N] with ``w_folded = fold_rmsnorm_weight(gamma, W)``.
+
+    ``h = x`` or ``x + residual``; with a residual returns ``(y, h)``, ``h`` a new tensor
+    (inputs are not modified). Columns ``n < rms_cols_start`` get plain ``h @ w_folded.T``.
+    x, w_folded, residual: same dtype (fp16/bf16/fp32) and device, contiguous in K.
+    """
+    _check_args(x, w_folded, residual, rms_cols_start)
+    if not use_triton(x):
+        return rmsnorm_linear_ref(x, w_folded, eps, residual, rms_cols_start)
+    kernel, meta = kernel_for(x.shape[0])
+    return launch(kernel, x, w_folded, eps, residual, rms_cols_start, **meta)
+
+
+def fold_rmsnorm_weight(gamma: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``W' = W * gamma[None, :]``, computed in fp32 (or fp64) and returned in W's dtype."""
+    if gamma.dim() != 1 or w.dim() != 2 or w.shape[1] != gamma.shape[0]:
+        raise ValueError(f"fold_rmsnorm_weight: gamma {tuple(gamma.shape)} must be [K], w {tuple(w.shape)} [N, K]")
+    acc = torch.promote_types(w.dtype, torch.float32)
+    return (w.to(acc) * gamma.to(acc)[None, :]).to(w.dtype)
+
+
+def rmsnorm_linear_ref(x, w_folded, eps=1e-6, residual=None, rms_cols_start=0):
+    """``rmsnorm_linear`` as the unfused engine path computes it: normalise (rounding to
+    x's dtype), then a separate linear. fp64 inputs give the exact function."""
+    h = x if residual is None else x + residual
+    hidden = h.to(torch.promote_types(h.dtype, torch.float32))
+    normed = (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+    y = torch.cat([
+        torch.nn.functional.linear(h, w_folded[:rms_cols_start]),
+        torch.nn.functional.linear(normed, w_folded[rms_cols_start:]),
+    ], dim=-1)
+    return y if residual is None else (y, h)

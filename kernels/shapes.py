@@ -1,0 +1,77 @@
+"""Shapes shared by the kernel tests, the benchmark and NOTES.md.
+
+Every fused op is ``y = rmsnorm(x + residual) @ W.T`` with ``W`` [N, K], as in a Qwen3
+decoder layer (input_layernorm -> qkv_proj, post_attention_layernorm -> gate_up_proj)
+and at the end of the model (final norm -> lm_head).
+"""
+from dataclasses import dataclass
+
+HBM_BYTES_PER_S = 3.02e12  # H100 SXM, achievable HBM3 bandwidth used for floors
+PEAK_FLOPS = 790e12  # H100 SXM, achievable dense bf16 tensor-core rate used for floors
+L2_BYTES = 50e6  # H100 L2: inputs smaller than this are rotated when timing
+
+MS = (1, 4, 16, 64, 256, 1024, 4096, 8192)
+QUICK_MS = (1, 16, 256, 4096)
+LM_HEAD_MAX_M = 256  # logits are only needed for the last token of each sequence
+
+# Tiny, awkward shapes for the interpreter tests: N and K are not multiples of any
+# block size (and (5, 24) fits in a single, masked block); M covers one row, a partial
+# row block, the decode/prefill boundary (64) and a few prefill row blocks.
+TEST_MS = (1, 3, 17, 64, 80)
+TEST_NKS = ((37, 40), (96, 72), (5, 24))
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    hidden: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+
+
+QWEN3_0_6B = Model("Qwen3-0.6B", hidden=1024, num_q_heads=16, num_kv_heads=8, head_dim=128,
+                   intermediate=3072, vocab=151936)
+QWEN3_8B = Model("Qwen3-8B", hidden=4096, num_q_heads=32, num_kv_heads=8, head_dim=128,
+                 intermediate=12288, vocab=151936)
+MODELS = (QWEN3_0_6B, QWEN3_8B)
+
+
+@dataclass(frozen=True)
+class Op:
+    model: str
+    op: str
+    N: int
+    K: int
+    rms_cols_start: int  # columns before it skip the rms factor (q and k of qkv)
+
+
+def ops(model: Model) -> list[Op]:
+    """The norm -> linear pairs of one model; lm_head only for the 0.6B model."""
+    q_k = (model.num_q_heads + model.num_kv_heads) * model.head_dim
+    n_qkv = q_k + model.num_kv_heads * model.head_dim
+    out = [
+        Op(model.name, "qkv", n_qkv, model.hidden, q_k),
+        Op(model.name, "gate_up", 2 * model.intermediate, model.hidden, 0),
+    ]
+    if model is QWEN3_0_6B:
+        out.append(Op(model.name, "lm_head", model.vocab, model.hidden, 0))
+    return out
+
+
+def ms_for(op: Op, ms=MS) -> list[int]:
+    return [m for m in ms if op.op != "lm_head" or m <= LM_HEAD_MAX_M]
+
+
+def cost(M: int, N: int, K: int, residual: bool = True, elem_bytes: int = 2) -> tuple[int, int]:
+    """(bytes, flops) of the fused op: W, x, y (and residual read, h written) once each."""
+    nbytes = (N * K + M * K + M * N + (2 * M * K if residual else 0)) * elem_bytes
+    return nbytes, 2 * M * N * K
+
+
+def floor_us(M: int, N: int, K: int, residual: bool = True, elem_bytes: int = 2) -> float:
+    """Roofline lower bound of the fused op on an H100, in microseconds."""
+    nbytes, flops = cost(M, N, K, residual, elem_bytes)
+    return max(nbytes / HBM_BYTES_PER_S, flops / PEAK_FLOPS) * 1e6
