@@ -8,6 +8,11 @@ from minivllm.engine.sequence import Sequence
 from minivllm.layers.sampler import Sampler
 from minivllm.loader import load_model
 from minivllm.models.qwen3 import Qwen3ForCausalLM
+from minivllm.sampling_params import SamplingParams
+
+
+def cuda_graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    return [bs for bs in (1, 2, 4, 8) if bs < max_num_seqs] + list(range(16, max_num_seqs + 16, 16))
 
 
 class ModelRunner:
@@ -25,36 +30,77 @@ class ModelRunner:
         finally:
             torch.set_default_dtype(default_dtype)
         load_model(self.model, config.model)
+        if config.fusion != "off":
+            self.model.fuse_norms()
         self.sampler = Sampler()
-        self.allocate_kv_cache()
+        self.kv_cache = None
+        if config.num_kvcache_blocks is None:
+            config.num_kvcache_blocks = self.kv_budget() // self.kv_bytes_per_block()
+        config.check_kvcache_fits()
+        self.allocate_kv_cache(config.num_kvcache_blocks)
+        self.graphs = {}
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.capture_cudagraphs()
 
     # ---- KV cache -------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
-        cfg = self.config.hf_config
         attn = self.model.model.layers[0].self_attn
-        return (2 * cfg.num_hidden_layers * self.block_size * attn.num_kv_heads * cfg.head_dim
+        return (2 * len(self.model.model.layers) * self.block_size * attn.num_kv_heads * attn.head_dim
                 * self.config.torch_dtype.itemsize)
 
-    def allocate_kv_cache(self):
-        config = self.config
-        if config.num_kvcache_blocks is None:
-            if self.device.type == "cuda":
-                budget = self.kv_budget_from_gpu_memory()
-            else:
-                budget = int(config.cpu_kvcache_space_gb * 2**30)
-            config.num_kvcache_blocks = budget // self.kv_bytes_per_block()
-        config.check_kvcache_fits()
-        cfg = config.hf_config
+    def allocate_kv_cache(self, num_blocks: int):
         attn = self.model.model.layers[0].self_attn
-        self.kv_cache = torch.empty(2, cfg.num_hidden_layers, config.num_kvcache_blocks, self.block_size,
-                                    attn.num_kv_heads, cfg.head_dim, dtype=config.torch_dtype,
+        self.kv_cache = None  # free the old cache before allocating the new one
+        self.kv_cache = torch.empty(2, len(self.model.model.layers), num_blocks, self.block_size,
+                                    attn.num_kv_heads, attn.head_dim, dtype=self.config.torch_dtype,
                                     device=self.device)
         for i, layer in enumerate(self.model.model.layers):
             layer.self_attn.attn.k_cache = self.kv_cache[0, i]
             layer.self_attn.attn.v_cache = self.kv_cache[1, i]
 
-    def kv_budget_from_gpu_memory(self) -> int:
-        raise NotImplementedError  # filled in by the GPU path
+    def kv_budget(self) -> int:
+        """Bytes for the KV cache: a set budget on CPU; on GPU what gpu_memory_utilization leaves
+        after the weights and the peak of a warm-up step of the largest size."""
+        config = self.config
+        if self.device.type == "cpu":
+            return int(config.cpu_kvcache_space_gb * 2**30)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        seqs = self.warmup_sequences()
+        self.allocate_kv_cache(sum(len(s.block_table) for s in seqs))
+        self.run(seqs, [len(s) for s in seqs], True)
+        # The sampler's [batch, vocab] temporaries peak in the largest decode step.
+        vocab, rows = self.config.hf_config.vocab_size, config.max_num_seqs
+        self.sampler(torch.randn(rows, vocab, device=self.device), torch.ones(rows, device=self.device),
+                     torch.full((rows,), 50, device=self.device), torch.full((rows,), 0.9, device=self.device),
+                     torch.arange(rows, device=self.device), torch.zeros(rows, dtype=torch.long, device=self.device))
+        torch.cuda.synchronize()
+        peak_without_cache = torch.cuda.max_memory_allocated() - self.kv_cache.numel() * self.kv_cache.element_size()
+        self.kv_cache = None
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info()
+        outside_torch = total - free - torch.cuda.memory_reserved()
+        budget = int(total * config.gpu_memory_utilization) - outside_torch - peak_without_cache
+        if budget <= 0:
+            raise ValueError(f"no GPU memory left for the KV cache: the weights and a warm-up step need "
+                             f"{peak_without_cache / 2**30:.1f} GiB of {total / 2**30:.1f} GiB at "
+                             f"gpu_memory_utilization={config.gpu_memory_utilization}")
+        return budget
+
+    def warmup_sequences(self) -> list[Sequence]:
+        """Sequences filling one prefill step: max_num_batched_tokens tokens of max_model_len each."""
+        config, seqs, next_block = self.config, [], 0
+        tokens = min(config.max_num_batched_tokens, config.max_num_seqs * config.max_model_len)
+        while tokens > 0:
+            n = min(tokens, config.max_model_len)
+            seq = Sequence([0] * n, SamplingParams(max_tokens=1), seed=0)
+            blocks = -(-n // self.block_size)
+            seq.block_table = list(range(next_block, next_block + blocks))
+            next_block += blocks
+            seqs.append(seq)
+            tokens -= n
+        return seqs
 
     # ---- one step -------------------------------------------------------------------
     def prepare(self, seqs: list[Sequence], num_new: list[int], is_prefill: bool):
@@ -70,15 +116,15 @@ class ModelRunner:
             seqlens_k.append(end)
         width = max(len(seq.block_table) for seq in seqs)
         block_tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs]
+        pin = self.device.type == "cuda"
 
-        def tensor(values):
-            return torch.tensor(values, dtype=torch.int64 if values is input_ids else torch.int32,
-                                pin_memory=self.device.type == "cuda").to(self.device, non_blocking=True)
+        def tensor(values, dtype=torch.int32):
+            return torch.tensor(values, dtype=dtype, pin_memory=pin).to(self.device, non_blocking=True)
 
-        set_context(is_prefill=is_prefill, cu_seqlens_q=tensor(cu_seqlens_q), seqlens_k=tensor(seqlens_k),
-                    max_seqlen_q=max(num_new), max_seqlen_k=max(seqlens_k), slot_mapping=tensor(slot_mapping),
-                    block_tables=tensor(block_tables))
-        return tensor(input_ids), tensor(positions).long(), cu_seqlens_q
+        ctx = dict(is_prefill=is_prefill, cu_seqlens_q=tensor(cu_seqlens_q), seqlens_k=tensor(seqlens_k),
+                   max_seqlen_q=max(num_new), max_seqlen_k=max(seqlens_k), slot_mapping=tensor(slot_mapping),
+                   block_tables=tensor(block_tables))
+        return tensor(input_ids, torch.int64), tensor(positions, torch.int64), ctx
 
     def sampling_inputs(self, seqs: list[Sequence]):
         def tensor(values, dtype):
@@ -90,17 +136,69 @@ class ModelRunner:
                 tensor([seq.seed for seq in seqs], torch.int64),
                 tensor([seq.num_completion_tokens for seq in seqs], torch.int64))
 
+    def forward(self, input_ids, positions, ctx: dict):
+        """Hidden state and residual of each step's last tokens' rows, before the final norm."""
+        batch = len(ctx["seqlens_k"])
+        graph_bs = next((bs for bs in self.graphs if bs >= batch), None)
+        if ctx["is_prefill"] or graph_bs is None:
+            set_context(**ctx)
+            try:
+                hidden, residual = self.model(input_ids, positions)
+            finally:
+                reset_context()
+            last = ctx["cu_seqlens_q"][1:].long() - 1
+            return hidden[last], residual[last]
+        g = self.graph_inputs
+        g["input_ids"][:batch] = input_ids
+        g["positions"][:batch] = positions
+        g["slot_mapping"].fill_(-1)
+        g["slot_mapping"][:batch] = ctx["slot_mapping"]
+        g["seqlens_k"].fill_(1)
+        g["seqlens_k"][:batch] = ctx["seqlens_k"]
+        width = ctx["block_tables"].shape[1]
+        g["block_tables"][:batch, :width] = ctx["block_tables"]
+        self.graphs[graph_bs].replay()
+        hidden, residual = self.graph_outputs[graph_bs]
+        return hidden[:batch], residual[:batch]
+
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], num_new: list[int], is_prefill: bool) -> list[int | None]:
         """Computes ``num_new`` tokens of each sequence; returns each one's next token, or None
         for a sequence whose prompt is not yet fully computed."""
-        input_ids, positions, cu_seqlens_q = self.prepare(seqs, num_new, is_prefill)
-        hidden = self.model(input_ids, positions)
-        last = torch.tensor(cu_seqlens_q[1:], device=self.device) - 1
-        logits = self.model.compute_logits(hidden[last]).float()
-        reset_context()
+        input_ids, positions, ctx = self.prepare(seqs, num_new, is_prefill)
+        hidden, residual = self.forward(input_ids, positions, ctx)
+        logits = self.model.compute_logits(hidden, residual).float()
         done = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in zip(seqs, num_new)]
         if not any(done):
             return [None] * len(seqs)
         tokens = self.sampler(logits, *self.sampling_inputs(seqs)).tolist()
         return [t if d else None for t, d in zip(tokens, done)]
+
+    # ---- CUDA graphs ----------------------------------------------------------------
+    @torch.inference_mode()
+    def capture_cudagraphs(self):
+        """One graph per decode batch size: a replay launches the whole forward at once."""
+        config = self.config
+        sizes = cuda_graph_batch_sizes(config.max_num_seqs)
+        max_bs = sizes[-1]
+        max_blocks = -(-config.max_model_len // self.block_size)
+        i32 = dict(dtype=torch.int32, device=self.device)
+        g = self.graph_inputs = dict(
+            input_ids=torch.zeros(max_bs, dtype=torch.int64, device=self.device),
+            positions=torch.zeros(max_bs, dtype=torch.int64, device=self.device),
+            slot_mapping=torch.full((max_bs,), -1, **i32), seqlens_k=torch.ones(max_bs, **i32),
+            block_tables=torch.zeros(max_bs, max_blocks, **i32), cu_seqlens_q=torch.arange(max_bs + 1, **i32))
+        self.graph_outputs, pool = {}, None
+        for bs in reversed(sizes):
+            set_context(is_prefill=False, cu_seqlens_q=g["cu_seqlens_q"][:bs + 1], seqlens_k=g["seqlens_k"][:bs],
+                        max_seqlen_q=1, max_seqlen_k=config.max_model_len, slot_mapping=g["slot_mapping"][:bs],
+                        block_tables=g["block_tables"][:bs])
+            self.model(g["input_ids"][:bs], g["positions"][:bs])  # compile and autotune outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool):
+                self.graph_outputs[bs] = self.model(g["input_ids"][:bs], g["positions"][:bs])
+            pool = pool or graph.pool()
+            self.graphs[bs] = graph
+            torch.cuda.synchronize()
+        reset_context()
+        self.graphs = dict(sorted(self.graphs.items()))

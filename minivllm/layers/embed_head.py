@@ -35,7 +35,10 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.vocab_size = vocab_size
 
     def forward(self, hidden):
-        logits = F.linear(hidden, self.weight)
+        """This rank's slice of the logits (``logits`` gathers the whole vocabulary)."""
+        return F.linear(hidden, self.weight)
+
+    def logits(self, logits):
         if tp_size() > 1:
             parts = [torch.empty_like(logits) for _ in range(tp_size())]
             dist.all_gather(parts, logits)

@@ -1,7 +1,14 @@
-"""Qwen3 for inference: GQA with per-head QK RMSNorm, RoPE, SwiGLU, merged qkv and gate_up."""
+"""Qwen3 for inference: GQA with per-head QK RMSNorm, RoPE, SwiGLU, merged qkv and gate_up.
+
+With ``fuse_norms`` each RMSNorm that feeds a linear (input_layernorm -> qkv,
+post_attention_layernorm -> gate_up, norm -> lm_head) is folded into that linear's weight
+and computed by ``kernels.rmsnorm_linear`` in the same pass as the matrix product.
+"""
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import kernels
 
 from minivllm.config import ModelConfig
 from minivllm.distributed import tp_size
@@ -27,8 +34,8 @@ class Qwen3Attention(nn.Module):
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, self.num_kv_heads)
 
-    def forward(self, positions, hidden):
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], -1)
+    def forward(self, positions, qkv):
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], -1)
         q = self.q_norm(q.reshape(-1, self.head_dim)).view(-1, self.num_heads, self.head_dim)
         k = self.k_norm(k.reshape(-1, self.head_dim)).view(-1, self.num_kv_heads, self.head_dim)
         q, k = self.rotary_emb(positions, q, k)
@@ -42,8 +49,8 @@ class Qwen3MLP(nn.Module):
         self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size)
 
-    def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, -1)
+    def forward(self, gate_up):
+        gate, up = gate_up.chunk(2, -1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -55,14 +62,14 @@ class Qwen3DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions, hidden, residual):
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+    def forward(self, positions, hidden, residual, fused: bool):
+        attn = self.self_attn
+        # Only v needs the 1/rms scale: q and k go through their own RMSNorm, which cancels it.
+        qkv, residual = norm_linear(self.input_layernorm, attn.qkv_proj, hidden, residual, fused,
+                                    rms_cols_start=attn.q_size + attn.kv_size)
+        hidden = attn(positions, qkv)
+        gate_up, residual = norm_linear(self.post_attention_layernorm, self.mlp.gate_up_proj, hidden, residual, fused)
+        return self.mlp(gate_up), residual
 
 
 class Qwen3Model(nn.Module):
@@ -71,12 +78,15 @@ class Qwen3Model(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.fused = False
 
     def forward(self, input_ids, positions):
+        """Returns the last layer's output and residual; the final norm is applied by
+        ``compute_logits`` to the rows that are sampled."""
         hidden, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual)
-        return self.norm(hidden, residual)[0]
+            hidden, residual = layer(positions, hidden, residual, self.fused)
+        return hidden, residual
 
 
 class Qwen3ForCausalLM(nn.Module):
@@ -94,5 +104,32 @@ class Qwen3ForCausalLM(nn.Module):
     def forward(self, input_ids, positions):
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden):
-        return self.lm_head(hidden)
+    def compute_logits(self, hidden, residual):
+        return self.lm_head.logits(norm_linear(self.model.norm, self.lm_head, hidden, residual, self.model.fused)[0])
+
+    def fuse_norms(self):
+        """Fold each RMSNorm weight into the linear it feeds (once, at load time)."""
+        if any(layer.self_attn.qkv_proj.bias is not None for layer in self.model.layers):
+            raise ValueError("RMSNorm+linear fusion does not support a qkv bias")
+        with torch.no_grad():
+            for layer in self.model.layers:
+                for norm, linear in ((layer.input_layernorm, layer.self_attn.qkv_proj),
+                                     (layer.post_attention_layernorm, layer.mlp.gate_up_proj)):
+                    linear.weight.copy_(kernels.fold_rmsnorm_weight(norm.weight, linear.weight))
+            # A tied lm_head gets a weight of its own: the embedding must stay unscaled.
+            self.lm_head.weight = nn.Parameter(kernels.fold_rmsnorm_weight(self.model.norm.weight, self.lm_head.weight),
+                                               requires_grad=False)
+        self.model.fused = True
+
+
+def norm_linear(norm: RMSNorm, linear: nn.Module, x, residual, fused: bool, rms_cols_start: int = 0):
+    """``linear(norm(x + residual))`` and the new residual ``x + residual`` (``x`` when there is
+    none yet): as two kernels, or as one when the norm weight is folded into ``linear``."""
+    if fused:
+        if residual is None:
+            return kernels.rmsnorm_linear(x, linear.weight, norm.eps, rms_cols_start=rms_cols_start), x
+        return kernels.rmsnorm_linear(x, linear.weight, norm.eps, residual, rms_cols_start=rms_cols_start)
+    if residual is None:
+        return linear(norm(x)), x
+    y, residual = norm(x, residual)
+    return linear(y), residual
