@@ -251,7 +251,9 @@ def _default_num_splits(programs: int, max_tiles: int, device: torch.device) -> 
 
 def paged_attention(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_tables, scale,
                     max_seqlen_q=None, max_seqlen_k=None, decode=None, num_splits=None):
-    """``paged_attention_ref``'s result, from Triton kernels on CUDA (or the interpreter; else the reference).
+    """``paged_attention_ref``'s result: Triton kernels for CUDA tensors (and CPU ones under the interpreter),
+    the reference otherwise. q and the caches share one dtype (fp16, bf16 or fp32; fp32 dots stay IEEE, not TF32);
+    head_dim is a power of two in [16, 256]; block_size a multiple of 16. Accumulates in fp32.
 
     decode: True when every sequence has exactly one new token, row b of q being sequence b (T = B); picks the
         decode tiling. None: decided from max_seqlen_q == 1, which is computed from cu_seqlens_q (a host sync)

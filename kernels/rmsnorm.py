@@ -53,7 +53,8 @@ def use_triton(t: torch.Tensor) -> bool:
 
 
 def check_tensors(op: str, **tensors: torch.Tensor) -> None:
-    """Same supported float dtype and same device for all tensors, else ValueError."""
+    """ValueError unless all tensors share one supported dtype and one device, and each is
+    contiguous in its last dim."""
     first_name, first = next(iter(tensors.items()))
     if first.dtype not in DTYPES:
         raise ValueError(f"{op}: {first_name} has dtype {first.dtype}; expected one of {DTYPES}")

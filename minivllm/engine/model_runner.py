@@ -34,11 +34,11 @@ class ModelRunner:
             self.model.fuse_norms()
         self.sampler = Sampler()
         self.kv_cache = None
+        self.graphs = {}
         if config.num_kvcache_blocks is None:
             config.num_kvcache_blocks = self.kv_budget() // self.kv_bytes_per_block()
         config.check_kvcache_fits()
         self.allocate_kv_cache(config.num_kvcache_blocks)
-        self.graphs = {}
         if self.device.type == "cuda" and not config.enforce_eager:
             self.capture_cudagraphs()
 

@@ -1,0 +1,238 @@
+"""Workload 4: RMSNorm -> linear on one GPU, the fused kernel against the torch paths.
+
+    python -m kernels.bench [--quick] [--sweep] [--out data/results]
+
+Writes ``<out>/kernels-<gpu slug>.json`` and prints a table. Implementations (bf16):
+
+  fused               rmsnorm_linear: residual add + norm + GEMM in one Triton kernel
+  cublas_linear_only  F.linear(x, W) alone: the GEMM with no norm work at all
+  eager_unfused       HF-style add + RMSNorm in eager torch, then F.linear (cuBLAS)
+  compiled_unfused    the same under torch.compile: one fused norm kernel + cuBLAS
+  sweep               (--sweep) the decode kernel at M=1 on a BLOCK_N x BLOCK_K grid
+
+Times are medians of ``triton.testing.do_bench_cudagraph`` (launch overhead excluded).
+Inputs are random; when one set of inputs would fit in L2 several sets are rotated so
+each call reads W from HBM, as in a real forward pass.
+"""
+import argparse
+import datetime
+import itertools
+import json
+import math
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import triton
+from triton.runtime.errors import OutOfResources
+from triton.testing import do_bench, do_bench_cudagraph
+
+from kernels.rmsnorm import rmsnorm_ref
+from kernels.rmsnorm_linear import fold_rmsnorm_weight, kernel_for, launch, rmsnorm_linear, rmsnorm_linear_kernel
+from kernels.shapes import L2_BYTES, MODELS, MS, QUICK_MS, floor_us, ms_for, ops
+
+EPS = 1e-6
+DTYPE = torch.bfloat16
+ERR_ROWS = 128  # rows checked against fp64; rows are independent, so a sample suffices
+SWEEP_BLOCK_N = (16, 32, 64, 128)
+SWEEP_BLOCK_K = (64, 128, 256, 512)
+
+
+class Inputs(NamedTuple):
+    x: torch.Tensor
+    residual: torch.Tensor
+    gamma: torch.Tensor
+    w: torch.Tensor
+    w_folded: torch.Tensor
+
+
+def unfused(x, residual, gamma, w):
+    """The engine's unfused path: HF add + RMSNorm, then a separate linear."""
+    h = x + residual
+    return torch.nn.functional.linear(rmsnorm_ref(h, gamma, EPS), w), h
+
+
+# dynamic=True: one compiled graph serves every shape instead of one compile per shape.
+compiled_unfused = torch.compile(unfused, dynamic=True)
+
+
+def impls(op):
+    return {
+        "fused": lambda s: rmsnorm_linear(s.x, s.w_folded, EPS, s.residual, op.rms_cols_start),
+        "cublas_linear_only": lambda s: torch.nn.functional.linear(s.x, s.w),
+        "eager_unfused": lambda s: unfused(s.x, s.residual, s.gamma, s.w),
+        "compiled_unfused": lambda s: compiled_unfused(s.x, s.residual, s.gamma, s.w),
+    }
+
+
+def make_inputs(M, op):
+    set_bytes = (op.N * op.K + 2 * M * op.K) * DTYPE.itemsize
+    n_sets = 1 if set_bytes > L2_BYTES else min(16, math.ceil(3 * L2_BYTES / set_bytes))
+    sets = []
+    for _ in range(n_sets):
+        x = torch.randn(M, op.K, device="cuda", dtype=DTYPE)
+        residual = torch.randn(M, op.K, device="cuda", dtype=DTYPE)
+        gamma = (1 + 0.2 * torch.randn(op.K, device="cuda")).to(DTYPE)
+        w = (torch.randn(op.N, op.K, device="cuda") * op.K**-0.5).to(DTYPE)
+        sets.append(Inputs(x, residual, gamma, w, fold_rmsnorm_weight(gamma, w)))
+    return sets
+
+
+def exact_fp64(s, rms_cols_start):
+    """fp64 value of the first ERR_ROWS rows; columns < rms_cols_start without the rms factor."""
+    h = (s.x[:ERR_ROWS] + s.residual[:ERR_ROWS]).double()  # both paths round h to bf16
+    y = h @ (s.w.double() * s.gamma.double()).T
+    y[:, rms_cols_start:] *= torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)
+    return y
+
+
+def rel_err(y, exact):
+    return ((y[:ERR_ROWS].double() - exact).norm() / exact.norm()).item()
+
+
+def time_us(call, sets, rep):
+    rotation = itertools.cycle(sets)
+
+    def run():
+        call(next(rotation))
+
+    try:
+        return do_bench_cudagraph(run, rep=rep, return_mode="median") * 1e3
+    except Exception as e:  # graph capture refused: still time it, with launch overhead
+        print(f"  do_bench_cudagraph failed ({type(e).__name__}: {e}); using do_bench", file=sys.stderr)
+        torch.cuda.synchronize()
+        return do_bench(run, rep=rep, return_mode="median") * 1e3
+
+
+def config_dict(config, fixed_meta):
+    return {**config.kwargs, **fixed_meta, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def row(op, M, impl, us, err=None, config=None):
+    return {
+        "op": op.op, "model": op.model, "M": M, "N": op.N, "K": op.K, "dtype": "bf16", "impl": impl,
+        "us_median": us,
+        "floor_us": floor_us(M, op.N, op.K),
+        "rel_err_vs_fp64": err,
+        "achieved_weight_TBps": op.N * op.K * DTYPE.itemsize / (us * 1e-6) / 1e12 if us else None,
+        "config": config,
+        "rms_cols_start": op.rms_cols_start,
+    }
+
+
+def bench_op(op, M, rep):
+    sets = make_inputs(M, op)
+    rows = []
+    for impl, call in impls(op).items():
+        out = call(sets[0])  # warm-up: autotuning, torch.compile
+        err = None
+        if impl in ("fused", "eager_unfused"):
+            err = rel_err(out[0], exact_fp64(sets[0], op.rms_cols_start if impl == "fused" else 0))
+        config = None
+        if impl == "fused":
+            kernel, fixed_meta = kernel_for(M)
+            config = config_dict(kernel.best_config, fixed_meta)
+        rows.append(row(op, M, impl, time_us(call, sets, rep), err, config))
+    return rows
+
+
+def sweep(rep):
+    """The decode kernel at M=1 on the qkv shapes, one fixed config per point."""
+    rows = []
+    for op in [o for model in MODELS for o in ops(model) if o.op == "qkv"]:
+        sets = make_inputs(1, op)
+        for block_n, block_k in itertools.product(SWEEP_BLOCK_N, SWEEP_BLOCK_K):
+            meta = {"BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 1,
+                    "num_warps": 4, "num_stages": 4 if block_n * block_k <= 16384 else 3}
+
+            def call(s, meta=meta):
+                return launch(rmsnorm_linear_kernel, s.x, s.w_folded, EPS, s.residual, op.rms_cols_start, **meta)
+
+            try:
+                call(sets[0])  # compiles; tiles too big for shared memory fail here
+                us = time_us(call, sets, rep)
+            except OutOfResources:
+                us = None
+            rows.append(row(op, 1, "sweep", us, config=meta))
+            print(f"  sweep {op.model} qkv BLOCK_N={block_n:<3} BLOCK_K={block_k:<3} "
+                  f"{'out of resources' if us is None else f'{us:8.2f} us'}", flush=True)
+    return rows
+
+
+def hardware():
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        driver = smi.stdout.splitlines()[0].strip() if smi.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError, IndexError):
+        driver = None
+    return {"gpu": torch.cuda.get_device_name(), "driver": driver, "cuda": torch.version.cuda,
+            "torch": torch.__version__, "triton": triton.__version__}
+
+
+def git_commit():
+    try:
+        git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30,
+                             cwd=Path(__file__).resolve().parent)
+        return git.stdout.strip() if git.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def print_table(rows):
+    us = {(r["model"], r["op"], r["M"], r["impl"]): r["us_median"] for r in rows}
+    keys = list(dict.fromkeys((r["model"], r["op"], r["M"], r["N"], r["K"], r["floor_us"])
+                              for r in rows if r["impl"] == "fused"))
+    print(f"\n{'model':<11}{'op':<8}{'M':>6}{'N':>8}{'K':>6}{'floor':>9}{'fused':>9}{'cublas':>9}"
+          f"{'eager':>9}{'compiled':>9}{'fused/cublas':>13}{'fused/compiled':>15}   (us)")
+    for model, op, M, N, K, floor in keys:
+        t = [us[(model, op, M, impl)] for impl in ("fused", "cublas_linear_only", "eager_unfused", "compiled_unfused")]
+        print(f"{model:<11}{op:<8}{M:>6}{N:>8}{K:>6}{floor:>9.2f}" + "".join(f"{v:>9.2f}" for v in t)
+              + f"{t[0] / t[1]:>13.2f}{t[0] / t[3]:>15.2f}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=f"M in {QUICK_MS} only, shorter timing")
+    parser.add_argument("--sweep", action="store_true", help="add the BLOCK_N x BLOCK_K sweep at M=1")
+    parser.add_argument("--out", default="data/results", help="output folder")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("kernels.bench needs a CUDA GPU")
+    torch.manual_seed(0)
+    rep = 10 if args.quick else 20
+    start = time.time()
+    rows = []
+    for model in MODELS:
+        for op in ops(model):
+            for M in ms_for(op, QUICK_MS if args.quick else MS):
+                op_rows = bench_op(op, M, rep)
+                rows += op_rows
+                fused = op_rows[0]
+                print(f"{time.time() - start:6.0f}s {op.model} {op.op} M={M}: fused {fused['us_median']:.2f} us "
+                      f"(floor {fused['floor_us']:.2f}), err {fused['rel_err_vs_fp64']:.2e}", flush=True)
+                torch.cuda.empty_cache()
+    if args.sweep:
+        rows += sweep(rep)
+    hw = hardware()
+    result = {
+        "benchmark": "kernels",
+        "hardware": hw,
+        "git_commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m kernels.bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "rows": rows,
+    }
+    out = Path(args.out) / f"kernels-{re.sub(r'[^a-z0-9]+', '-', hw['gpu'].lower()).strip('-')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print_table(rows)
+    print(f"\nwrote {out} in {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

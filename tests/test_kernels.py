@@ -1,0 +1,281 @@
+"""Tests of kernels/: RMSNorm, add + RMSNorm and RMSNorm fused into a linear layer.
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors (fp32 and fp16
+only: the interpreter's bf16 is not faithful). With a GPU the same tiny, awkward shapes
+run compiled on CUDA, and the ``gpu`` tests add bf16/fp16 at the benchmark shapes.
+
+Accuracy criterion: relative Frobenius error against an fp64 evaluation of the same
+function must not exceed that of the plain-torch unfused path in the same dtype, with a
+small slack. Outputs are allocated NaN-filled, so an element the kernel never writes
+fails the test.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+# Triton picks the interpreter when it is first imported. If another test module imported
+# it first (a full `pytest` run), test_cpu_kernels_in_fresh_process reruns this file in a
+# new process instead.
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kernels import (  # noqa: E402
+    add_rmsnorm,
+    fold_rmsnorm_weight,
+    rmsnorm,
+    rmsnorm_linear,
+    rmsnorm_linear_ref,
+    rmsnorm_ref,
+)
+from kernels.rmsnorm import HAVE_TRITON, use_triton  # noqa: E402
+from kernels.shapes import MODELS, TEST_MS, TEST_NKS, ms_for, ops  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EPS = 1e-6
+# Kernels and references compute in fp32, whose rsqrt may be off by an ulp or two for a
+# whole row: allow that much relative error on top of the 1.1x factor.
+SLACK = 4 * torch.finfo(torch.float32).eps
+
+ON_TRITON = use_triton(torch.empty(0, device=DEVICE))
+# Without this, a CPU run would compare the torch reference with itself.
+runs_kernels = pytest.mark.skipif(not ON_TRITON, reason="kernels would run their torch references here; "
+                                                        "test_cpu_kernels_in_fresh_process runs this test")
+
+
+def test_cpu_kernels_in_fresh_process():
+    if ON_TRITON or not HAVE_TRITON:
+        pytest.skip("the kernel tests run in this process" if ON_TRITON else "Triton is not installed")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "not gpu", "-p", "no:cacheprovider", __file__],
+                         cwd=root, env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+
+
+def poisoned(fn, *args, **kwargs):
+    """Call ``fn`` with every torch.empty NaN-filled, so unwritten outputs show up."""
+    was_on = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        torch.use_deterministic_algorithms(was_on, warn_only=was_warn_only)
+
+
+def rel_err(y: torch.Tensor, exact: torch.Tensor) -> float:
+    return ((y.double() - exact).norm() / exact.norm()).item()
+
+
+def assert_no_worse(y, baseline, exact, slack, factor=1.1):
+    assert not y.isnan().any(), "kernel left output elements unwritten (NaN poison)"
+    err, base = rel_err(y, exact), rel_err(baseline, exact)
+    assert err <= factor * base + slack, f"error {err:.3e} vs unfused {base:.3e}"
+
+
+def randn(*shape, dtype, device=DEVICE, scale=1.0):
+    return (torch.randn(*shape, device=device) * scale).to(dtype)
+
+
+def make_inputs(M, N, K, dtype, device=DEVICE):
+    x = randn(M, K, dtype=dtype, device=device)
+    residual = randn(M, K, dtype=dtype, device=device)
+    gamma = (1 + 0.2 * torch.randn(K, device=device)).to(dtype)
+    w = randn(N, K, dtype=dtype, device=device, scale=K**-0.5)
+    return x, residual, gamma, w
+
+
+# ---------------------------------------------------------------- rmsnorm, add_rmsnorm
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 37), (3, 128), (2, 17, 96)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rmsnorm(shape, dtype, with_residual):
+    torch.manual_seed(0)
+    x, residual = randn(*shape, dtype=dtype), randn(*shape, dtype=dtype, scale=3.0)
+    gamma = (1 + 0.2 * torch.randn(shape[-1], device=DEVICE)).to(dtype)
+    if with_residual:
+        h_expected = x + residual
+        y, h = poisoned(add_rmsnorm, x, residual, gamma, EPS)
+        assert h is residual and torch.equal(residual, h_expected), "h must be written into residual"
+    else:
+        h_expected = x
+        y = poisoned(rmsnorm, x, gamma, EPS)
+    baseline = rmsnorm_ref(h_expected, gamma, EPS)
+    torch.testing.assert_close(y, baseline)
+    exact = rmsnorm_ref(h_expected.double(), gamma.double(), EPS)
+    assert_no_worse(y, baseline, exact, slack=SLACK)
+
+
+def test_rmsnorm_ref_matches_hf_qwen3():
+    # Also proves that importing kernels first leaves transformers importable.
+    modeling = pytest.importorskip("transformers.models.qwen3.modeling_qwen3")
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x = randn(5, 64, dtype=dtype, device="cpu", scale=4.0)
+        norm = modeling.Qwen3RMSNorm(64, eps=EPS)
+        norm.weight.data = 1 + 0.2 * torch.randn(64)
+        norm.to(dtype)
+        with torch.no_grad():
+            assert torch.equal(rmsnorm_ref(x, norm.weight, EPS), norm(x))
+
+
+def test_rmsnorm_rejects_bad_inputs():
+    x = randn(4, 32, dtype=torch.float16)
+    gamma = torch.ones(32, dtype=torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match="gamma"):
+        rmsnorm(x, gamma[:31])
+    with pytest.raises(ValueError, match="dtype"):
+        rmsnorm(x, gamma.float())
+    with pytest.raises(ValueError, match="dtype"):
+        rmsnorm(x.double(), gamma.double())
+    with pytest.raises(ValueError, match="contiguous"):
+        rmsnorm(randn(32, 4, dtype=torch.float16).t(), gamma)
+    with pytest.raises(ValueError, match="residual"):
+        add_rmsnorm(x, randn(4, 64, dtype=torch.float16)[:, ::2], gamma)
+    with pytest.raises(ValueError, match="residual"):
+        add_rmsnorm(x, randn(5, 32, dtype=torch.float16), gamma)
+
+
+# ------------------------------------------------------------------- rmsnorm_linear
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("N,K", TEST_NKS)
+@pytest.mark.parametrize("M", TEST_MS)
+def test_rmsnorm_linear(M, N, K, with_residual, dtype):
+    torch.manual_seed(M * 1000 + N)
+    x, residual, gamma, w = make_inputs(M, N, K, dtype)
+    w_folded = fold_rmsnorm_weight(gamma, w)
+    x_before, residual_before = x.clone(), residual.clone()
+    if with_residual:
+        y, h = poisoned(rmsnorm_linear, x, w_folded, EPS, residual)
+        assert torch.equal(h, x_before + residual_before), "h must be x + residual in the model dtype"
+        assert torch.equal(residual, residual_before), "residual must not be modified"
+    else:
+        y = poisoned(rmsnorm_linear, x, w_folded, EPS)
+    assert torch.equal(x, x_before)
+    h = x + residual if with_residual else x
+
+    # Against the same function (folded weight) evaluated in fp64.
+    baseline = rmsnorm_linear_ref(h, w_folded, EPS)
+    exact = rmsnorm_linear_ref(h.double(), w_folded.double(), EPS)
+    assert_no_worse(y, baseline, exact, SLACK)
+
+    # Against HF semantics: RMSNorm with gamma, then the unfolded linear. Folding rounds
+    # W * gamma once, which on these few-element outputs can cost a little: 1.5x.
+    hf_unfused = torch.nn.functional.linear(rmsnorm_ref(h, gamma, EPS), w)
+    hf_exact = torch.nn.functional.linear(rmsnorm_ref(h.double(), gamma.double(), EPS), w.double())
+    assert_no_worse(y, hf_unfused, hf_exact, SLACK, factor=1.5)
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M", [3, 80])
+@pytest.mark.parametrize("rms_cols_start", [0, 13, 64, 96])
+def test_rmsnorm_linear_column_split(M, rms_cols_start, dtype):
+    N, K = 96, 72
+    torch.manual_seed(rms_cols_start)
+    x, residual, gamma, w = make_inputs(M, N, K, dtype)
+    w_folded = fold_rmsnorm_weight(gamma, w)
+    y, h = poisoned(rmsnorm_linear, x, w_folded, EPS, residual, rms_cols_start)
+    baseline = rmsnorm_linear_ref(h, w_folded, EPS, rms_cols_start=rms_cols_start)
+    exact = rmsnorm_linear_ref(h.double(), w_folded.double(), EPS, rms_cols_start=rms_cols_start)
+    assert_no_worse(y, baseline, exact, slack=SLACK)
+    # Columns before the split are the plain projection: no per-row factor at all.
+    plain = h.double() @ w_folded.double()[:rms_cols_start].T
+    torch.testing.assert_close(y[:, :rms_cols_start].double(), plain, rtol=2e-3, atol=2e-3)
+
+
+def test_fold_rmsnorm_weight():
+    gamma = torch.tensor([0.5, 2.0, 3.0], dtype=torch.bfloat16)
+    w = torch.tensor([[1.0, 1.0, 1.0], [0.3, -0.7, 1.1]], dtype=torch.bfloat16)
+    w_folded = fold_rmsnorm_weight(gamma, w)
+    assert w_folded.dtype == torch.bfloat16
+    assert torch.equal(w_folded, (w.float() * gamma.float()).bfloat16())
+    with pytest.raises(ValueError):
+        fold_rmsnorm_weight(gamma[:2], w)
+
+
+def test_rmsnorm_linear_rejects_bad_inputs():
+    x = randn(4, 32, dtype=torch.float16)
+    w = randn(8, 32, dtype=torch.float16)
+    cases = [
+        ((x[0], w), "must be"),
+        ((x, w[:, :16]), "K mismatch"),
+        ((x, w.float()), "dtype"),
+        ((x.double(), w.double()), "dtype"),
+        ((x.int(), w.int()), "dtype"),
+        ((randn(32, 4, dtype=torch.float16).t(), w), "contiguous"),
+        ((x, randn(32, 8, dtype=torch.float16).t()), "contiguous"),
+        ((x, w.to("meta")), "is on"),
+        ((x, w, EPS, x[:3]), "residual"),
+        ((x, w, EPS, x.float()), "dtype"),
+        ((x, w, EPS, None, 9), "rms_cols_start"),
+        ((x, w, EPS, None, -1), "rms_cols_start"),
+    ]
+    for args, match in cases:
+        with pytest.raises(ValueError, match=match):
+            rmsnorm_linear(*args)
+
+
+@runs_kernels
+def test_rmsnorm_linear_accepts_row_strides():
+    # Rows may be padded (a slice of a wider buffer); only K must be contiguous.
+    torch.manual_seed(0)
+    x = randn(17, 64, dtype=torch.float16)[:, :40]
+    residual = randn(17, 48, dtype=torch.float16)[:, :40]
+    w = randn(37, 56, dtype=torch.float16, scale=0.2)[:, :40]
+    y, h = poisoned(rmsnorm_linear, x, w, EPS, residual)
+    y_ref, h_ref = rmsnorm_linear_ref(x, w, EPS, residual)
+    assert torch.equal(h, h_ref)
+    torch.testing.assert_close(y, y_ref, rtol=2e-3, atol=2e-3)
+
+
+# ------------------------------------------------------------- GPU, benchmark shapes
+
+GPU_MS = (1, 16, 256, 1024)
+GPU_OPS = [(op, m) for model in MODELS for op in ops(model) for m in ms_for(op, GPU_MS)]
+CHECK_ROWS = 256  # rows compared in fp64; each row is computed independently
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("op,M", GPU_OPS, ids=[f"{o.model}-{o.op}-M{m}" for o, m in GPU_OPS])
+def test_rmsnorm_linear_gpu(op, M, dtype):
+    torch.manual_seed(M)
+    x, residual, gamma, w = make_inputs(M, op.N, op.K, dtype, device="cuda")
+    w_folded = fold_rmsnorm_weight(gamma, w)
+    y, h = poisoned(rmsnorm_linear, x, w_folded, EPS, residual, op.rms_cols_start)
+    assert not y.isnan().any()
+    assert torch.equal(h, x + residual)
+    rows = slice(0, CHECK_ROWS)
+    h = h[rows]
+    # The unfused torch path: RMSNorm with gamma, then the cuBLAS linear. Columns before
+    # rms_cols_start (q, k) skip the norm in the fused op, so compare them to h @ W'^T.
+    unfused = torch.nn.functional.linear(rmsnorm_ref(h, gamma, EPS), w)
+    unfused[:, :op.rms_cols_start] = torch.nn.functional.linear(h, w_folded[:op.rms_cols_start])
+    exact = torch.nn.functional.linear(rmsnorm_ref(h.double(), gamma.double(), EPS), w.double())
+    exact[:, :op.rms_cols_start] = h.double() @ (w.double() * gamma.double())[:op.rms_cols_start].T
+    assert_no_worse(y[rows], unfused, exact, slack=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M", [1, 256, 8192])
+@pytest.mark.parametrize("N", [128, 1024, 4096])
+def test_rmsnorm_gpu(M, N, dtype):
+    torch.manual_seed(N)
+    x, residual = randn(M, N, dtype=dtype), randn(M, N, dtype=dtype, scale=3.0)
+    gamma = (1 + 0.2 * torch.randn(N, device=DEVICE)).to(dtype)
+    h_expected = x + residual
+    y, h = poisoned(add_rmsnorm, x, residual, gamma, EPS)
+    assert torch.equal(h, h_expected)
+    torch.testing.assert_close(y, rmsnorm_ref(h_expected, gamma, EPS))
+    torch.testing.assert_close(poisoned(rmsnorm, x, gamma, EPS), rmsnorm_ref(x, gamma, EPS))
