@@ -1,0 +1,167 @@
+"""Small helpers every chapter of the book calls: where it runs, which model, which results.
+
+    from minivllm import book
+    S = book.setup(profile, device, model_dir, results_dir)   # prints the machine banner
+    res = book.load_results("engine_throughput", S.results_dir)
+    if res is None:
+        book.missing("engine_throughput", "python -m minivllm.bench throughput --model checkpoints/qwen3-0.6b")
+
+Heavy code lives in the packages; notebooks call it and plot.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PRESET = {"smoke": "qwen3-tiny", "full": "qwen3-0.6b"}
+
+
+def _resolve(path) -> Path:
+    path = Path(path)
+    return path if path.is_absolute() else ROOT / path
+
+
+@dataclass
+class Setup:
+    profile: str                    # 'smoke' (tiny model, CPU, seconds) | 'full' (GPU, Qwen3-0.6B shapes)
+    device: str                     # 'cpu' | 'cuda'
+    model_dir: str
+    results_dir: Path
+    root: Path = field(default=ROOT)
+
+    def checkpoint(self, preset: str) -> str:
+        """The directory of an embedded checkpoint preset, made on first use (seeded random weights)."""
+        return checkpoint(preset, self.device)
+
+    @property
+    def smoke(self) -> bool:
+        return self.profile == "smoke"
+
+
+def checkpoint(preset: str, device: str = "cpu") -> str:
+    out = ROOT / "checkpoints" / preset
+    if not (out / "config.json").exists() or not any(out.glob("*.safetensors")):
+        from minivllm.make_checkpoint import make_checkpoint
+        make_checkpoint(preset, str(out), device=device)
+    return str(out)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        return out.stdout.splitlines()[0].strip() if out.returncode == 0 and out.stdout else None
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
+def local_hardware(device: str = "auto") -> dict:
+    """This machine in the ``hardware`` schema of the result files (plus ``cpu`` and ``cores``)."""
+    import torch
+    import transformers
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    hw = {"torch": torch.__version__, "triton": triton_version, "transformers": transformers.__version__,
+          "cpu": _cpu_name(), "cores": os.cpu_count()}
+    if device != "cpu" and torch.cuda.is_available():
+        hw.update(gpu=torch.cuda.get_device_name(), driver=_driver(), cuda=torch.version.cuda)
+    return hw
+
+
+def setup(profile: str = "auto", device: str = "auto", model_dir: str | None = None,
+          results_dir: str | os.PathLike = "data/results") -> Setup:
+    import torch
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cuda = torch.cuda.is_available()
+    if profile == "auto":
+        profile = "full" if cuda else "smoke"
+    if profile not in ("smoke", "full"):
+        raise ValueError(f"profile must be 'auto', 'smoke' or 'full', got {profile!r}")
+    if device == "auto":
+        device = "cuda" if cuda else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if model_dir is None:
+        model_dir = checkpoint(DEFAULT_PRESET[profile], device)
+    s = Setup(profile, device, str(model_dir), _resolve(results_dir))
+    hw = local_hardware(device)
+    where = (f"{hw['gpu']} · driver {hw['driver']} · CUDA {hw['cuda']}" if "gpu" in hw
+             else f"CPU {hw['cpu']} · {hw['cores']} cores")
+    print(f"machine      {where}\n"
+          f"software     torch {hw['torch']} · triton {hw['triton']} · transformers {hw['transformers']}\n"
+          f"profile      {profile} (device {device}, model {Path(model_dir).name})\n"
+          f"date         {datetime.date.today().isoformat()}")
+    return s
+
+
+@dataclass
+class Results:
+    name: str
+    rows: "pandas.DataFrame"  # noqa: F821
+    hardware: dict
+    command: str
+    date: str
+    git_commit: str | None
+    path: Path
+
+    @property
+    def label(self) -> str:
+        return machine_label(self.hardware)
+
+
+def load_results(name: str, results_dir: str | os.PathLike = "data/results") -> Results | None:
+    """``<results_dir>/<name>-<gpu slug>.json`` as a DataFrame; the H100's file when several GPUs'
+    files exist, else the newest. None when there is none."""
+    import pandas as pd
+    results_dir = _resolve(results_dir)
+    files = sorted(results_dir.glob(f"{name}-*.json"))
+    if not files:
+        return None
+    h100 = [p for p in files if "h100" in p.name.lower()]
+    path = max(h100 or files, key=lambda p: p.stat().st_mtime)
+    doc = json.loads(path.read_text())
+    return Results(name, pd.DataFrame(doc.get("rows", [])), doc.get("hardware", {}), doc.get("command", ""),
+                   doc.get("date", ""), doc.get("git_commit"), path)
+
+
+def machine_label(hardware: dict) -> str:
+    """'NVIDIA H100 80GB HBM3 · driver 580.159.04 · torch 2.11.0+cu130 · triton 3.6.0'."""
+    hardware = hardware or {}
+    parts = [hardware.get("gpu") or (f"CPU {hardware['cpu']}" if hardware.get("cpu") else "unknown machine")]
+    if hardware.get("driver"):
+        parts.append(f"driver {hardware['driver']}")
+    for key in ("torch", "triton"):
+        if hardware.get(key):
+            parts.append(f"{key} {hardware[key]}")
+    return " · ".join(parts)
+
+
+def missing(name: str, command: str) -> None:
+    """A visible note in place of a figure whose result file is absent (the notebook goes on)."""
+    text = (f"**No results file for `{name}` yet**: produce it with `{command}` on a GPU "
+            f"(it writes `data/results/{name}-<gpu>.json`), then rebuild the book.")
+    try:
+        from IPython.display import Markdown, display
+        display(Markdown("> " + text))
+    except ImportError:
+        print(text)
