@@ -1,0 +1,225 @@
+"""Where a decode step's time goes, per fusion mode (chapter 9 of the book).
+
+    python -m minivllm.profile --model DIR --fusion off,norm_linear,full --batch 1 --context 512
+
+Writes <out>/decode_profile-<gpu slug>.json. The kernel breakdown comes from torch.profiler on
+EAGER decode steps (kernels inside CUDA-graph replays are not attributed to the ops that
+launched them), so the file says ``"profiled_eager": true``; the wall time per step is timed
+separately, without the profiler, with CUDA graphs when the device has them. Each kernel is
+attributed to the innermost engine op (module or kernels call) that launched it. On CPU the
+"kernels" are emulated: one per kernels-package call and one per other top-level aten op.
+"""
+import argparse
+import collections
+import json
+import re
+import statistics
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+import minivllm.layers.attention as attention_mod
+import minivllm.models.qwen3 as qwen3_mod
+from minivllm import LLM, SamplingParams
+from minivllm.bench import gpu_slug, write_result
+from minivllm.layers.embed_head import ParallelLMHead
+from minivllm.layers.layernorm import RMSNorm
+from minivllm.layers.rotary import RotaryEmbedding
+
+# Ops that are one kernel launch on the GPU (a CPU run counts each such call once).
+KERNEL_LIKE = {"norm", "fused_norm_linear", "kv_store", "attention"}
+NAME_RULES = [("fused_norm_linear", "rmsnorm_linear"), ("norm", "rmsnorm"), ("attention", "attention|combine_splits"),
+              ("kv_store", "kvcache"), ("gemm", "gemm|gemv|nvjet|cutlass|xmma|cublas|aten::linear|aten::mm|aten::addmm"),
+              ("rope", "rotary|rope"), ("activation", "silu|gelu"),
+              ("elementwise", "elementwise|aten::(mul|add|sub|cat|copy_|to|div|pow|mean|rsqrt|neg)")]
+VIEWS = {"aten::view", "aten::reshape", "aten::split", "aten::chunk", "aten::flatten", "aten::t", "aten::transpose",
+         "aten::slice", "aten::select", "aten::unsqueeze", "aten::as_strided", "aten::detach", "aten::empty",
+         "aten::narrow", "aten::split_with_sizes", "aten::_unsafe_view", "aten::expand", "aten::alias",
+         "aten::empty_strided", "aten::lift_fresh", "aten::resolve_conj", "aten::resolve_neg", "aten::item",
+         "aten::_local_scalar_dense", "aten::is_nonzero", "aten::result_type"}
+
+
+def category_of(name: str) -> str:
+    return next((cat for cat, pat in NAME_RULES if re.search(pat, name, re.I)), "other")
+
+
+def instrument(llm: LLM):
+    """record_function labels 'mv::<category>::<op>' around every op of a step; returns an undo."""
+    model, undo = llm.model_runner.model, []
+    for name, mod in model.named_modules():
+        short = name.split(".")[-1]
+        cat = ("gemm" if isinstance(mod, ParallelLMHead) or "proj" in short else "norm" if isinstance(mod, RMSNorm)
+               else "rope" if isinstance(mod, RotaryEmbedding) else "other" if short == "embed_tokens" else None)
+        if cat is None:
+            continue
+        ctx = {}
+        undo.append(mod.register_forward_pre_hook(
+            lambda m, a, ctx=ctx, lbl=f"mv::{cat}::{short}": ctx.__setitem__(m, record_function(lbl).__enter__())))
+        undo.append(mod.register_forward_hook(lambda m, a, o, ctx=ctx: ctx.pop(m).__exit__(None, None, None)))
+    names = {id(m): n.split(".")[-1] for n, m in model.named_modules()}
+
+    def labelled(fn, label):
+        def call(*args, **kwargs):
+            lbl = label(*args) if callable(label) else label
+            with record_function(lbl):
+                return fn(*args, **kwargs)
+        return call
+
+    patches = [(attention_mod, "store_kvcache", "mv::kv_store::store_kvcache"),
+               (attention_mod, "paged_attention", "mv::attention::paged_attention"),
+               (qwen3_mod, "norm_linear", lambda norm, lin, *a: (f"mv::fused_norm_linear::{names[id(norm)]}+"
+                                                                  f"{names[id(lin)]}" if model.model.fused else "mv::x"))]
+    sampler = llm.model_runner.sampler
+    patches.append((sampler, "forward", "mv::other::sampler"))
+    for obj, attr, label in patches:
+        orig = getattr(obj, attr)
+        setattr(obj, attr, labelled(orig, label))
+        undo.append(type("U", (), {"remove": lambda s, o=obj, a=attr, f=orig: setattr(o, a, f)})())
+    return lambda: [u.remove() for u in undo]
+
+
+def labels_of(ev, include_self=False):
+    """Innermost engine label ('mv::cat::op') and whether an ancestor already counts as a CPU kernel."""
+    label, inside, p = None, False, ev if include_self else ev.cpu_parent
+    while p is not None and p.name != "mv::step":
+        if p.name.startswith("mv::") and p.name != "mv::x":
+            label = label or p.name
+            inside |= p.name.split("::")[1] in KERNEL_LIKE
+        inside |= p.name.startswith("aten::")
+        p = p.cpu_parent
+    return label, inside
+
+
+def step_kernels(prof, on_gpu: bool):
+    """Per profiled step: [(name, category, op, start_us, end_us)] sorted by start."""
+    events = list(prof.events())
+    steps = sorted((e for e in events if e.name == "mv::step"), key=lambda e: e.time_range.start)
+    by_id = {e.id: e for e in events if e.device_type == torch.autograd.DeviceType.CPU}
+    out = [[] for _ in steps]
+    for ev in events:
+        if on_gpu:
+            if ev.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            launch = by_id.get(ev.linked_correlation_id)
+            label, _ = labels_of(launch, include_self=True) if launch is not None else (None, False)
+            t = launch.time_range.start if launch is not None else ev.time_range.start
+        else:
+            if ev.device_type != torch.autograd.DeviceType.CPU or ev.name in VIEWS or ev.name == "mv::x":
+                continue
+            if ev.name in ("aten::to", "aten::contiguous", "aten::detach_") and not ev.cpu_children:
+                continue  # a no-op (already the right dtype/device): no kernel on any device
+            label, inside = labels_of(ev)
+            own = ev.name.startswith("mv::") and ev.name.split("::")[1] in KERNEL_LIKE
+            if inside or not (own or ev.name.startswith("aten::")):
+                continue
+            label, t = (ev.name if own else label), ev.time_range.start
+        i = next((i for i, s in enumerate(steps) if s.time_range.start <= t <= s.time_range.end), None)
+        if i is None:
+            continue
+        cat, op = (label.split("::")[1:] if label else (category_of(ev.name), ""))
+        if cat == "other" and not label:
+            cat = category_of(ev.name)
+        out[i].append((ev.name, cat, op, ev.time_range.start, ev.time_range.end))
+    return [sorted(s, key=lambda k: k[3]) for s in out]
+
+
+def start_decoding(llm: LLM, batch: int, context: int, max_tokens: int):
+    gen = torch.Generator().manual_seed(0)
+    vocab = llm.config.hf_config.vocab_size
+    for _ in range(batch):
+        ids = torch.randint(0, min(vocab, 10000), (context,), generator=gen).tolist()
+        llm.scheduler.add(llm._make_sequence(ids, SamplingParams(temperature=0, max_tokens=max_tokens,
+                                                                  ignore_eos=True))[1])
+    while any(s.num_uncomputed_tokens > 1 for s in llm.scheduler.running) or llm.scheduler.waiting:
+        llm.step()
+
+
+def profile_mode(args, fusion: str) -> list[dict]:
+    on_gpu = torch.cuda.is_available() and args.device != "cpu"
+    llm = LLM(args.model, fusion=fusion, device="cuda" if on_gpu else "cpu", max_num_seqs=args.batch + 1,
+              max_model_len=args.context + args.steps * 3 + 32, enforce_eager=args.enforce_eager)
+    layers = llm.config.hf_config.num_hidden_layers
+    start_decoding(llm, args.batch, args.context, args.steps * 3 + 8)
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    walls = []
+    for _ in range(args.steps):  # wall time: CUDA graphs (when captured), no profiler
+        sync(), walls.append(-time.perf_counter()), llm.step(), sync()
+        walls[-1] += time.perf_counter()
+    graphs, llm.model_runner.graphs = llm.model_runner.graphs, {}  # eager steps for the breakdown
+    undo = instrument(llm)
+    llm.step()  # warm-up of the eager path
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=acts) as prof:
+        for _ in range(args.steps):
+            with record_function("mv::step"):
+                llm.step()
+                sync()
+    undo()
+    llm.model_runner.graphs = graphs
+    steps = [s for s in step_kernels(prof, on_gpu) if s]
+    n = len(steps)
+    rows, per_name, per_op = [], collections.defaultdict(lambda: [0, 0.0]), collections.defaultdict(lambda: [0, 0.0])
+    for s in steps:
+        for name, cat, op, t0, t1 in s:
+            per_name[(name, cat)][0] += 1
+            per_name[(name, cat)][1] += t1 - t0
+            per_op[(op, cat)][0] += 1
+            per_op[(op, cat)][1] += t1 - t0
+    for (name, cat), (calls, us) in sorted(per_name.items(), key=lambda kv: -kv[1][1]):
+        rows.append(dict(kind="kernel", fusion=fusion, name=name, category=cat, calls_per_step=calls / n,
+                         us_per_step=us / n))
+    for (op, cat), (calls, us) in sorted(per_op.items(), key=lambda kv: -kv[1][1]):
+        rows.append(dict(kind="op", fusion=fusion, op=op or "(unlabelled)", category=cat,
+                         kernels_per_step=calls / n, us_per_step=us / n))
+    last, t_first = steps[-1], steps[-1][0][3]
+    kernels = sum(len(s) for s in steps) / n
+    rows.append(dict(kind="step", fusion=fusion, batch_size=args.batch, context=args.context, num_layers=layers,
+                     steps_profiled=n, kernels_per_step=kernels, kernels_per_layer=kernels / layers,
+                     gpu_us_per_step=sum(t1 - t0 for s in steps for *_, t0, t1 in s) / n,
+                     wall_us_per_step=1e6 * statistics.median(walls), cuda_graphs=bool(graphs),
+                     dtype=str(llm.config.torch_dtype).replace("torch.", ""), device=llm.config.device,
+                     timeline=[dict(name=k[0], category=k[1], op=k[2], start_us=k[3] - t_first, end_us=k[4] - t_first)
+                               for k in last]))
+    llm.abort_all()
+    del llm
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--fusion", default="off,norm_linear,full")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=10, help="decode steps profiled (and timed)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--enforce-eager", action="store_true", help="time the wall clock without CUDA graphs too")
+    parser.add_argument("--out", default="data/results")
+    args = parser.parse_args(argv)
+    rows, skipped = [], {}
+    for fusion in args.fusion.split(","):
+        try:
+            rows += profile_mode(args, fusion)
+        except NotImplementedError as e:  # a mode the engine rejects
+            skipped[fusion] = str(e)
+            print(f"skipping fusion={fusion}: {e}")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    for r in rows:
+        if r["kind"] == "step":
+            print(f"{r['fusion']:<12} {r['kernels_per_step']:6.0f} kernels/step  {r['gpu_us_per_step']:9.1f} us kernels  "
+                  f"{r['wall_us_per_step']:9.1f} us wall ({'graphs' if r['cuda_graphs'] else 'eager'})")
+    path = write_result("decode_profile", rows, args.out)
+    with open(path) as f:
+        doc = json.load(f)
+    doc.update(command=" ".join(["python -m minivllm.profile", *(sys.argv[1:] if argv is None else argv)]),
+               profiled_eager=True, skipped_fusion_modes=skipped)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+    return path
+
+
+if __name__ == "__main__":
+    main()
