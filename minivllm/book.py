@@ -165,3 +165,55 @@ def missing(name: str, command: str) -> None:
         display(Markdown("> " + text))
     except ImportError:
         print(text)
+
+
+def model_config(preset: str, **overrides):
+    """The engine's ModelConfig of an embedded preset, without writing any weights (e.g. 'qwen3-8b')."""
+    import torch
+    from minivllm.config import ModelConfig
+    from minivllm.make_checkpoint import COMMON, PRESETS
+    cfg = {**COMMON, **PRESETS[preset], **overrides}
+    return ModelConfig(**{k: cfg[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                              "num_attention_heads", "num_key_value_heads", "head_dim",
+                                              "rms_norm_eps", "rope_theta", "max_position_embeddings",
+                                              "tie_word_embeddings", "attention_bias")},
+                       torch_dtype=getattr(torch, cfg["torch_dtype"]))
+
+
+class trace_steps:
+    """Records every scheduler step of ``llm`` while active: which sequences ran, prefill or
+    decode, tokens each, queue lengths, free KV blocks and preemptions so far.
+
+        with book.trace_steps(llm) as tr:
+            llm.generate(prompts, params, use_tqdm=False)
+        tr.frame()   # one row per (step, sequence)
+    """
+
+    def __init__(self, llm):
+        self.llm, self.rows, self.steps = llm, [], 0
+
+    def __enter__(self):
+        sched = self.llm.scheduler
+        original = self._original = sched.schedule
+
+        def schedule():
+            seqs, num_new, is_prefill = original()
+            bm = sched.block_manager
+            for seq, n in zip(seqs, num_new):
+                self.rows.append(dict(step=self.steps, kind="prefill" if is_prefill else "decode", seq_id=seq.seq_id,
+                                      tokens=n, computed_before=seq.num_computed_tokens, blocks=len(seq.block_table),
+                                      running=len(sched.running), waiting=len(sched.waiting),
+                                      free_blocks=bm.num_free_blocks, preemptions=sched.num_preemptions))
+            self.steps += 1
+            return seqs, num_new, is_prefill
+
+        sched.schedule = schedule
+        return self
+
+    def __exit__(self, *exc):
+        del self.llm.scheduler.schedule  # back to the class's method
+        return False
+
+    def frame(self):
+        import pandas as pd
+        return pd.DataFrame(self.rows)
