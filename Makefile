@@ -16,6 +16,8 @@ $(STAMP): requirements.txt
 	@# CPU-only machines: take the CPU build of torch, never the multi-GB CUDA wheels.
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements.txt
+	@# papermill's kernel: a python3 kernelspec inside the venv that runs the venv's python
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (minivllm .venv)" >/dev/null
 	@touch $(STAMP)
 
 test: $(STAMP)
@@ -24,10 +26,10 @@ test: $(STAMP)
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu
 
+# PROFILE=auto: the smoke profile into _build/smoke on a CPU machine; on a GPU box the full
+# profile, published to book/NN_*.ipynb, and the published edition's HTML in _build/html.
 book: $(STAMP)
-	@# Until the chapters land: a generation demo on the embedded default model.
-	$(PY) -m minivllm.make_checkpoint --preset qwen3-tiny --out checkpoints/qwen3-tiny
-	$(PY) -m minivllm generate --model checkpoints/qwen3-tiny --prompt "The KV cache" --max-tokens 16
+	$(PY) book/build.py --profile $(PROFILE)
 
 clean:
 	rm -rf _build

@@ -1,0 +1,53 @@
+"""The book's sources are well-formed, and the smoke build of the whole book succeeds."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def test_there_are_ten_chapters():
+    assert [p.stem[:2] for p in NOTEBOOKS] == [f"{i:02d}" for i in range(1, 11)]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_source(path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    assert nb.metadata.get("kernelspec", {}).get("name") == "python3", "needs a python3 kernelspec for papermill"
+    tagged = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, f"{len(tagged)} cells tagged 'parameters' (need exactly one)"
+    names = set(re.findall(r"^(\w+)\s*=", tagged[0].source, re.M))
+    assert {"profile", "device", "results_dir"} <= names, f"parameters cell defines only {sorted(names)}"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert not any(c.get("outputs") or c.get("execution_count") for c in code), "sources carry no outputs"
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# "), "opens with a # title"
+
+
+def test_toc_lists_exactly_the_notebooks():
+    toc = (ROOT / "_toc.yml").read_text()
+    chapters = re.findall(r"file:\s*book/(\d\d_\w+)", toc)
+    assert chapters == [p.stem for p in NOTEBOOKS]
+    for page in re.findall(r"file:\s*book/([a-z]\w*)\s*$", toc, re.M) + [re.search(r"root:\s*book/(\w+)", toc)[1]]:
+        assert (ROOT / "book" / f"{page}.md").exists(), f"book/{page}.md listed in _toc.yml is missing"
+
+
+@pytest.mark.slow
+def test_smoke_build(tmp_path):
+    """The whole book in the smoke profile, executed and built with warnings as errors."""
+    out = tmp_path / "book"
+    proc = subprocess.run([sys.executable, str(ROOT / "book" / "build.py"), "--profile", "smoke", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+    html = out / "_build" / "html"
+    for nb in NOTEBOOKS:
+        assert (html / "book" / f"{nb.stem}.html").exists(), f"no HTML for {nb.stem}"
+    assert not re.search(r"WARNING:", log), "\n".join(l for l in log.splitlines() if "WARNING:" in l)
+    for slug in (p.stem for p in NOTEBOOKS):
+        assert re.search(rf"{slug} \.\.\. ok", log), f"{slug} not executed"
