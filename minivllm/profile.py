@@ -140,7 +140,8 @@ def profile_mode(args, fusion: str) -> list[dict]:
     on_gpu = torch.cuda.is_available() and args.device != "cpu"
     llm = LLM(args.model, fusion=fusion, device="cuda" if on_gpu else "cpu", max_num_seqs=args.batch + 1,
               max_model_len=args.context + args.steps * 3 + 32, enforce_eager=args.enforce_eager)
-    layers = llm.config.hf_config.num_hidden_layers
+    cfg = llm.config.hf_config
+    layers = cfg.num_hidden_layers
     start_decoding(llm, args.batch, args.context, args.steps * 3 + 8)
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     walls = []
@@ -180,6 +181,9 @@ def profile_mode(args, fusion: str) -> list[dict]:
                      gpu_us_per_step=sum(t1 - t0 for s in steps for *_, t0, t1 in s) / n,
                      wall_us_per_step=1e6 * statistics.median(walls), cuda_graphs=bool(graphs),
                      dtype=str(llm.config.torch_dtype).replace("torch.", ""), device=llm.config.device,
+                     model={k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                                         "num_key_value_heads", "head_dim", "vocab_size")},
+                     itemsize=llm.config.torch_dtype.itemsize,
                      timeline=[dict(name=k[0], category=k[1], op=k[2], start_us=k[3] - t_first, end_us=k[4] - t_first)
                                for k in last]))
     llm.abort_all()
@@ -214,6 +218,9 @@ def main(argv=None):
     path = write_result("decode_profile", rows, args.out)
     with open(path) as f:
         doc = json.load(f)
+    if "gpu" not in doc["hardware"]:  # a CPU run: say which CPU made it
+        from minivllm.book import local_hardware
+        doc["hardware"] = {**local_hardware("cpu"), **doc["hardware"]}
     doc.update(command=" ".join(["python -m minivllm.profile", *(sys.argv[1:] if argv is None else argv)]),
                profiled_eager=True, skipped_fusion_modes=skipped)
     with open(path, "w") as f:
