@@ -175,3 +175,18 @@ def test_rmsnorm_qkv_rope_store_rejects_bad_inputs():
     for change, match in bad:
         with pytest.raises(ValueError, match=match):
             rmsnorm_qkv_rope_store(**{"residual": None, **case, **change})
+
+
+# ------------------------------------------------------------------------- in the engine
+
+
+@runs_kernels
+def test_engine_with_full_fusion_runs_the_kernels_and_keeps_greedy_tokens():
+    # The kernels (not their references) inside the engine: chunked prefill of 2 x 16 rows, decode.
+    from minivllm import LLM
+    from tests.helpers import greedy_tokens, random_prompts, tiny_checkpoint
+
+    prompts = random_prompts([5, 40], seed=3)
+    settings = dict(device=DEVICE, max_num_batched_tokens=32, max_model_len=128, kvcache_block_size=16)
+    off = greedy_tokens(LLM(tiny_checkpoint(), fusion="off", **settings), prompts, max_tokens=4)
+    assert greedy_tokens(LLM(tiny_checkpoint(), fusion="full", **settings), prompts, max_tokens=4) == off
