@@ -134,7 +134,32 @@ def in_fp64(case):
 ])
 def test_rmsnorm_qkv_rope_store(M, head_dim, num_q_heads, num_kv_heads, with_residual, dtype):
     case = make_qkv_case(M, head_dim, num_q_heads, num_kv_heads, dtype)
-    residual = randn(M, case["x"].shape[1], dtype=dtype) if with_residual else None
+    check_qkv(case, randn(M, case["x"].shape[1], dtype=dtype) if with_residual else None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 16, 64, 300])
+def test_rmsnorm_qkv_rope_store_qwen3_06b_bf16(M):
+    case = make_qkv_case(M, 128, 16, 8, torch.bfloat16, K=1024)
+    check_qkv(case, randn(M, 1024, dtype=torch.bfloat16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 16, 64, 300])
+def test_rmsnorm_gate_up_silu_mul_qwen3_06b_bf16(M):
+    torch.manual_seed(M)
+    x, residual = randn(M, 1024, dtype=torch.bfloat16), randn(M, 1024, dtype=torch.bfloat16)
+    w = fold_rmsnorm_weight(norm_weight(1024, torch.bfloat16), randn(6144, 1024, dtype=torch.bfloat16, scale=1 / 32))
+    y, h = poisoned(rmsnorm_linear, x, w, EPS, residual, silu_mul=True)
+    exact = rmsnorm_linear_ref(h.double(), w.double(), EPS, silu_mul=True)
+    assert_no_worse(y, rmsnorm_linear_ref(h, w, EPS, silu_mul=True), exact, "silu(gate) * up")
+
+
+def check_qkv(case, residual):
+    """Run the kernel on ``case`` and compare q, the stored k and v, and the untouched slots."""
+    M, with_residual = case["x"].shape[0], residual is not None
+    num_kv_heads, head_dim = case["k_cache"].shape[2:]
+    num_q_heads = case["w_folded"].shape[0] // head_dim - 2 * num_kv_heads
     baseline = {**case, "k_cache": case["k_cache"].clone(), "v_cache": case["v_cache"].clone()}
     exact = in_fp64(case)
     caches_before = case["k_cache"].clone(), case["v_cache"].clone()
@@ -182,11 +207,11 @@ def test_rmsnorm_qkv_rope_store_rejects_bad_inputs():
 
 @runs_kernels
 def test_engine_with_full_fusion_runs_the_kernels_and_keeps_greedy_tokens():
-    # The kernels (not their references) inside the engine: chunked prefill of 2 x 16 rows, decode.
+    # The kernels (not their references) inside the engine: chunked prefill (16-token steps), decode.
     from minivllm import LLM
     from tests.helpers import greedy_tokens, random_prompts, tiny_checkpoint
 
-    prompts = random_prompts([5, 40], seed=3)
-    settings = dict(device=DEVICE, max_num_batched_tokens=32, max_model_len=128, kvcache_block_size=16)
-    off = greedy_tokens(LLM(tiny_checkpoint(), fusion="off", **settings), prompts, max_tokens=4)
-    assert greedy_tokens(LLM(tiny_checkpoint(), fusion="full", **settings), prompts, max_tokens=4) == off
+    prompts = random_prompts([5, 24], seed=3)
+    settings = dict(device=DEVICE, max_num_batched_tokens=16, max_model_len=64, kvcache_block_size=16)
+    off = greedy_tokens(LLM(tiny_checkpoint(), fusion="off", **settings), prompts, max_tokens=3)
+    assert greedy_tokens(LLM(tiny_checkpoint(), fusion="full", **settings), prompts, max_tokens=3) == off
