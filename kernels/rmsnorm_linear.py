@@ -19,6 +19,12 @@ per-row scale, so for qkv pass ``rms_cols_start = (num_q_heads + num_kv_heads) *
 and only v gets ``r`` (q and k then differ from the unfused values by the factor 1/r,
 which their own norms remove up to their eps).
 
+``silu_mul=True`` (SwiGLU's gate_up, W = [gate; up]) returns ``silu(gate) * up`` instead:
+a program owns matching gate and up rows, so the product is formed in registers.
+
+The K loop (``_norm_matmul``) and program order (``_tile_ids``) are shared with
+``rmsnorm_qkv``, whose epilogue adds QK-norm, RoPE and the KV-cache store.
+
 One kernel, two launch shapes chosen by M:
   * M <= 64 (decode): one row block of BLOCK_M >= M rows, so every program streams a
     BLOCK_N slice of W exactly once for all rows; small BLOCK_N gives enough programs to
@@ -165,7 +171,8 @@ def rmsnorm_linear_kernel(
     else:
         y = acc * tl.where(offs_n[None, :] >= rms_cols_start, rstd[:, None], 1.0)
     rows = offs_m.to(tl.int64)[:, None]
-    tl.store(Y + rows * stride_ym + offs_n[None, :], y.to(Y.dtype.element_ty), mask=(offs_m < M)[:, None] & mask_n[None, :])
+    mask = (offs_m < M)[:, None] & mask_n[None, :]
+    tl.store(Y + rows * stride_ym + offs_n[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
 def _fits_registers(configs, named_args, **meta):

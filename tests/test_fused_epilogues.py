@@ -181,7 +181,7 @@ def check_qkv(case, residual):
         assert_no_worse(got[stored], baseline[name].view_as(got)[stored], exact[name].view_as(got)[stored], name)
         untouched = torch.ones(got.shape[0], dtype=torch.bool, device=DEVICE)
         untouched[stored] = False
-        assert torch.equal(got[untouched], before.view_as(got)[untouched]), f"{name}: a slot outside slot_mapping changed"
+        assert torch.equal(got[untouched], before.view_as(got)[untouched]), f"{name}: a slot not in slot_mapping changed"
 
 
 def test_rmsnorm_qkv_rope_store_rejects_bad_inputs():
