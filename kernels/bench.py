@@ -8,6 +8,10 @@ Writes ``<out>/kernels-<gpu slug>.json`` and prints a table. Implementations (bf
   cublas_linear_only  F.linear(x, W) alone: the GEMM with no norm work at all
   eager_unfused       HF-style add + RMSNorm in eager torch, then F.linear (cuBLAS)
   compiled_unfused    the same under torch.compile: one fused norm kernel + cuBLAS
+  full                fusion="full"'s kernel: for qkv, rmsnorm_qkv_rope_store (+ QK-norm, RoPE,
+                      KV-cache store); for gate_up, rmsnorm_linear with silu_mul=True
+  norm_linear_chain   what fusion="norm_linear" runs for the same work: fused, then the
+                      engine's QK-norm (Triton), RoPE (torch) and store_kvcache, or SiLU * up
   sweep               (--sweep) the decode kernel at M=1 on a BLOCK_N x BLOCK_K grid
 
 Times are medians of ``triton.testing.do_bench_cudagraph`` (launch overhead excluded).
@@ -31,7 +35,9 @@ import triton
 from triton.runtime.errors import OutOfResources
 from triton.testing import do_bench, do_bench_cudagraph
 
-from kernels.rmsnorm import rmsnorm_ref
+from kernels.paged_attention import store_kvcache
+from kernels.rmsnorm import rmsnorm, rmsnorm_ref
+from kernels.rmsnorm_qkv import rmsnorm_qkv_rope_store, rope_ref
 from kernels.rmsnorm_linear import fold_rmsnorm_weight, kernel_for, launch, rmsnorm_linear, rmsnorm_linear_kernel
 from kernels.shapes import L2_BYTES, MODELS, MS, QUICK_MS, floor_us, ms_for, ops
 
@@ -67,6 +73,42 @@ def impls(op):
         "eager_unfused": lambda s: unfused(s.x, s.residual, s.gamma, s.w),
         "compiled_unfused": lambda s: compiled_unfused(s.x, s.residual, s.gamma, s.w),
     }
+
+
+def full_impls(op, M):
+    """"full" and the "norm_linear" chain it replaces, on Qwen3 attention state for M decode rows.
+    lm_head has no epilogue."""
+    if op.op == "gate_up":
+        def chain(s):
+            gate, up = rmsnorm_linear(s.x, s.w_folded, EPS, s.residual)[0].chunk(2, -1)
+            return torch.nn.functional.silu(gate) * up
+        return {"full": lambda s: rmsnorm_linear(s.x, s.w_folded, EPS, s.residual, silu_mul=True),
+                "norm_linear_chain": chain}
+    if op.op != "qkv":
+        return {}
+    model = next(m for m in MODELS if m.name == op.model)
+    head_dim, hq, hkv = model.head_dim, model.num_q_heads, model.num_kv_heads
+    block = 256
+    cache = torch.zeros(2, triton.cdiv(M, block) + 1, block, hkv, head_dim, device="cuda", dtype=DTYPE)
+    norm_q, norm_k = (torch.ones(head_dim, device="cuda", dtype=DTYPE) for _ in range(2))
+    positions = torch.arange(M, device="cuda") + 1000
+    slots = torch.randperm(cache.shape[1] * block, device="cuda")[:M].to(torch.int32)
+    inv_freq = 1e6 ** (-torch.arange(0, head_dim, 2, device="cuda") / head_dim)  # Qwen3's rope_theta
+    freqs = torch.arange(40960, device="cuda", dtype=torch.float32)[:, None] * inv_freq
+    cos_sin = torch.cat([freqs.cos(), freqs.sin()], -1)
+
+    def chain(s):
+        qkv, _ = rmsnorm_linear(s.x, s.w_folded, EPS, s.residual, op.rms_cols_start)
+        q, k, v = qkv.view(M, -1, head_dim).split([hq, hkv, hkv], 1)
+        q, k = rmsnorm(q, norm_q, EPS), rmsnorm(k, norm_k, EPS)
+        cos, sin = cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
+        q, k = rope_ref(q, cos, sin), rope_ref(k, cos, sin)
+        store_kvcache(k, v, cache[0], cache[1], slots)
+        return q
+
+    return {"full": lambda s: rmsnorm_qkv_rope_store(s.x, s.w_folded, EPS, s.residual, norm_q, norm_k, EPS, cos_sin,
+                                                     positions, cache[0], cache[1], slots),
+            "norm_linear_chain": chain}
 
 
 def make_inputs(M, op):
@@ -127,7 +169,7 @@ def row(op, M, impl, us, err=None, config=None):
 def bench_op(op, M, rep):
     sets = make_inputs(M, op)
     rows = []
-    for impl, call in impls(op).items():
+    for impl, call in {**impls(op), **full_impls(op, M)}.items():
         out = call(sets[0])  # warm-up: autotuning, torch.compile
         err = None
         if impl in ("fused", "eager_unfused"):
@@ -188,11 +230,13 @@ def print_table(rows):
     keys = list(dict.fromkeys((r["model"], r["op"], r["M"], r["N"], r["K"], r["floor_us"])
                               for r in rows if r["impl"] == "fused"))
     print(f"\n{'model':<11}{'op':<8}{'M':>6}{'N':>8}{'K':>6}{'floor':>9}{'fused':>9}{'cublas':>9}"
-          f"{'eager':>9}{'compiled':>9}{'fused/cublas':>13}{'fused/compiled':>15}   (us)")
+          f"{'eager':>9}{'compiled':>9}{'fused/cublas':>13}{'fused/compiled':>15}{'full':>9}{'nl_chain':>9}   (us)")
     for model, op, M, N, K, floor in keys:
         t = [us[(model, op, M, impl)] for impl in ("fused", "cublas_linear_only", "eager_unfused", "compiled_unfused")]
+        full = [us.get((model, op, M, impl)) for impl in ("full", "norm_linear_chain")]
         print(f"{model:<11}{op:<8}{M:>6}{N:>8}{K:>6}{floor:>9.2f}" + "".join(f"{v:>9.2f}" for v in t)
-              + f"{t[0] / t[1]:>13.2f}{t[0] / t[3]:>15.2f}")
+              + f"{t[0] / t[1]:>13.2f}{t[0] / t[3]:>15.2f}"
+              + "".join(f"{v:>9.2f}" if v is not None else f"{'-':>9}" for v in full))
 
 
 def main(argv=None):

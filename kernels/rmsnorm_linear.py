@@ -19,6 +19,12 @@ per-row scale, so for qkv pass ``rms_cols_start = (num_q_heads + num_kv_heads) *
 and only v gets ``r`` (q and k then differ from the unfused values by the factor 1/r,
 which their own norms remove up to their eps).
 
+``silu_mul=True`` (SwiGLU's gate_up, W = [gate; up]) returns ``silu(gate) * up`` instead:
+a program owns matching gate and up rows, so the product is formed in registers.
+
+The K loop (``_norm_matmul``) and program order (``_tile_ids``) are shared with
+``rmsnorm_qkv``, whose epilogue adds QK-norm, RoPE and the KV-cache store.
+
 One kernel, two launch shapes chosen by M:
   * M <= 64 (decode): one row block of BLOCK_M >= M rows, so every program streams a
     BLOCK_N slice of W exactly once for all rows; small BLOCK_N gives enough programs to
@@ -76,37 +82,39 @@ else:
 
 
 @triton.jit
-def rmsnorm_linear_kernel(
-    X, R, H, W, Y,
-    M, N, K,
-    M_BUCKET,  # only read by the autotuners' keys
-    stride_xm, stride_rm, stride_hm, stride_wn, stride_ym,
-    rms_cols_start, eps,
-    HAS_RESIDUAL: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    # Grouped order: GROUP_M row blocks run together and share each W tile while it is in L2.
+def _tile_ids(M, num_pid_n, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row block, column block) of this program, in grouped order: GROUP_M row blocks run
+    together and share each W tile while it is in L2."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n
     first_pid_m = (pid // num_pid_in_group) * GROUP_M
     group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
     pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
     pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
+
+@triton.jit
+def _norm_matmul(
+    X, R, H, W, offs_m, w_rows, w_rows_2, mask_n, M, K, h_rows,
+    stride_xm, stride_rm, stride_hm,
+    HAS_RESIDUAL: tl.constexpr, PAIRED: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One pass over K: ``h = x (+ residual)``, ``acc = h @ W[w_rows].T`` (and, when PAIRED,
+    ``acc_2`` from the W rows at ``w_rows_2``, sharing every h tile) and ``sum(h ** 2)`` per row.
+
+    ``w_rows``: [1, BLOCK_N] element offsets of the W rows. With a residual, h is also stored
+    to H for rows below ``h_rows``: M for one column block, 0 for the others (all of them
+    compute h for their dot, one writes it).
+    """
     mask_m = offs_m < M
-    mask_n = offs_n < N
-    # h is computed by every column block (for its own dot) but written by the first only.
-    mask_h = offs_m < tl.where(pid_n == 0, M, 0)
+    mask_h = offs_m < h_rows
     rows = offs_m.to(tl.int64)[:, None]  # M * K and N * K can pass 2**31
-    w_rows = offs_n.to(tl.int64)[None, :] * stride_wn
-
+    offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
         cols = k + offs_k
@@ -118,22 +126,68 @@ def rmsnorm_linear_kernel(
             # Round the sum to the model dtype, as HF does before its norm.
             a = (a.to(tl.float32) + res.to(tl.float32)).to(X.dtype.element_ty)
             tl.store(H + rows * stride_hm + cols[None, :], a, mask=mask_h[:, None] & mask_k[None, :])
-        # W is [N, K] row-major: read a K-contiguous [BLOCK_K, BLOCK_N] tile.
-        b = tl.load(W + w_rows + cols[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         a32 = a.to(tl.float32)
         sumsq += tl.sum(a32 * a32, axis=1)
+        # W is [N, K] row-major: read K-contiguous [BLOCK_K, BLOCK_N] tiles.
+        mask_kn = mask_k[:, None] & mask_n[None, :]
+        b = tl.load(W + w_rows + cols[:, None], mask=mask_kn, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if PAIRED:
+            b_2 = tl.load(W + w_rows_2 + cols[:, None], mask=mask_kn, other=0.0)
+            acc_2 = tl.dot(a, b_2, acc_2, input_precision=PRECISION)
+    return acc, acc_2, sumsq
+
+
+@triton.jit
+def rmsnorm_linear_kernel(
+    X, R, H, W, Y,
+    M, N, K,
+    M_BUCKET,  # only read by the autotuners' keys
+    stride_xm, stride_rm, stride_hm, stride_wn, stride_ym,
+    rms_cols_start, eps,
+    HAS_RESIDUAL: tl.constexpr,
+    SILU_MUL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # With SILU_MUL, W is [gate; up] with N rows each and Y = silu(gate) * up is N wide: a
+    # program owns gate columns n and up columns N + n, so the product never leaves registers.
+    pid_m, pid_n = _tile_ids(M, tl.cdiv(N, BLOCK_N), BLOCK_M, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    acc, acc_up, sumsq = _norm_matmul(
+        X, R, H, W, offs_m,
+        offs_n.to(tl.int64)[None, :] * stride_wn, (offs_n + N).to(tl.int64)[None, :] * stride_wn,
+        mask_n, M, K, tl.where(pid_n == 0, M, 0), stride_xm, stride_rm, stride_hm,
+        HAS_RESIDUAL, SILU_MUL, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+    )
 
     # r needs the whole row, so it can only be applied after the K loop.
     rstd = tl.rsqrt(sumsq / K + eps)
-    scale = tl.where(offs_n[None, :] >= rms_cols_start, rstd[:, None], 1.0)
-    y = acc * scale
-    tl.store(Y + rows * stride_ym + offs_n[None, :], y.to(Y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    if SILU_MUL:
+        gate = acc * rstd[:, None]
+        y = gate * tl.sigmoid(gate) * (acc_up * rstd[:, None])
+    else:
+        y = acc * tl.where(offs_n[None, :] >= rms_cols_start, rstd[:, None], 1.0)
+    rows = offs_m.to(tl.int64)[:, None]
+    mask = (offs_m < M)[:, None] & mask_n[None, :]
+    tl.store(Y + rows * stride_ym + offs_n[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
-_KEY = ["M_BUCKET", "N", "K", "HAS_RESIDUAL"]
-_decode_kernel = triton.autotune(configs=_DECODE_CONFIGS, key=_KEY)(rmsnorm_linear_kernel)
-_prefill_kernel = triton.autotune(configs=_PREFILL_CONFIGS, key=_KEY)(rmsnorm_linear_kernel)
+def _fits_registers(configs, named_args, **meta):
+    """With SILU_MUL a program holds two accumulators: drop the tiles that would then exceed
+    the 128 x 128 fp32 accumulator a program keeps without spilling."""
+    pairs = 2 if meta.get("SILU_MUL") else 1
+    fits = [c for c in configs if pairs * meta.get("BLOCK_M", c.kwargs.get("BLOCK_M", 0)) * c.kwargs["BLOCK_N"]
+            <= 128 * 128]
+    return fits or configs
+
+
+_KEY = ["M_BUCKET", "N", "K", "HAS_RESIDUAL", "SILU_MUL"]
+_PRUNE = {"early_config_prune": _fits_registers}
+_decode_kernel = triton.autotune(configs=_DECODE_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(rmsnorm_linear_kernel)
+_prefill_kernel = triton.autotune(configs=_PREFILL_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(rmsnorm_linear_kernel)
 
 
 def _m_bucket(m: int) -> int:
@@ -150,10 +204,15 @@ def kernel_for(m: int):
     return _prefill_kernel, {}
 
 
-def launch(kernel, x, w_folded, eps, residual, rms_cols_start, **meta):
+def precision(dtype: torch.dtype) -> str:
+    # tl.dot would round fp32 operands to tf32; fp32 callers expect fp32 accuracy.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def launch(kernel, x, w_folded, eps, residual, rms_cols_start, silu_mul=False, **meta):
     """Run ``kernel`` (an autotuner or the bare kernel with full meta) on checked inputs."""
     m, k = x.shape
-    n = w_folded.shape[0]
+    n = w_folded.shape[0] // 2 if silu_mul else w_folded.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     h = torch.empty((m, k), dtype=x.dtype, device=x.device) if residual is not None else None
     if m == 0 or n == 0:
@@ -171,14 +230,14 @@ def launch(kernel, x, w_folded, eps, residual, rms_cols_start, **meta):
         w_folded.stride(0), y.stride(0),
         rms_cols_start, eps,
         HAS_RESIDUAL=residual is not None,
-        # tl.dot would round fp32 operands to tf32; fp32 callers expect fp32 accuracy.
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        SILU_MUL=silu_mul,
+        PRECISION=precision(x.dtype),
         **meta,
     )
     return y if residual is None else (y, h)
 
 
-def _check_args(x, w_folded, residual, rms_cols_start):
+def _check_args(x, w_folded, residual, rms_cols_start, silu_mul):
     """ValueError on anything the kernel does not handle."""
     op = "rmsnorm_linear"
     if x.dim() != 2 or w_folded.dim() != 2:
@@ -193,6 +252,9 @@ def _check_args(x, w_folded, residual, rms_cols_start):
         check_tensors(op, x=x, w_folded=w_folded, residual=residual)
     if not 0 <= rms_cols_start <= w_folded.shape[0]:
         raise ValueError(f"{op}: rms_cols_start={rms_cols_start} outside [0, N={w_folded.shape[0]}]")
+    if silu_mul and (w_folded.shape[0] % 2 or rms_cols_start):
+        raise ValueError(f"{op}: silu_mul needs w_folded [gate; up] with an even N (got {w_folded.shape[0]}) "
+                         f"and rms_cols_start=0 (got {rms_cols_start})")
 
 
 def rmsnorm_linear(
@@ -201,18 +263,20 @@ def rmsnorm_linear(
     eps: float = 1e-6,
     residual: torch.Tensor | None = None,
     rms_cols_start: int = 0,
+    silu_mul: bool = False,
 ):
     """``y = rmsnorm(h) @ W.T`` [M, N] with ``w_folded = fold_rmsnorm_weight(gamma, W)``.
 
     ``h = x`` or ``x + residual``; with a residual returns ``(y, h)``, ``h`` a new tensor
     (inputs are not modified). Columns ``n < rms_cols_start`` get plain ``h @ w_folded.T``.
+    ``silu_mul``: W is SwiGLU's ``[gate; up]`` and y is ``silu(gate) * up``, [M, N / 2].
     x, w_folded, residual: same dtype (fp16/bf16/fp32) and device, contiguous in K.
     """
-    _check_args(x, w_folded, residual, rms_cols_start)
+    _check_args(x, w_folded, residual, rms_cols_start, silu_mul)
     if not use_triton(x):
-        return rmsnorm_linear_ref(x, w_folded, eps, residual, rms_cols_start)
+        return rmsnorm_linear_ref(x, w_folded, eps, residual, rms_cols_start, silu_mul)
     kernel, meta = kernel_for(x.shape[0])
-    return launch(kernel, x, w_folded, eps, residual, rms_cols_start, **meta)
+    return launch(kernel, x, w_folded, eps, residual, rms_cols_start, silu_mul, **meta)
 
 
 def fold_rmsnorm_weight(gamma: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -223,9 +287,10 @@ def fold_rmsnorm_weight(gamma: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (w.to(acc) * gamma.to(acc)[None, :]).to(w.dtype)
 
 
-def rmsnorm_linear_ref(x, w_folded, eps=1e-6, residual=None, rms_cols_start=0):
+def rmsnorm_linear_ref(x, w_folded, eps=1e-6, residual=None, rms_cols_start=0, silu_mul=False):
     """``rmsnorm_linear`` as the unfused engine path computes it: normalise (rounding to
-    x's dtype), then a separate linear. fp64 inputs give the exact function."""
+    x's dtype), a separate linear, then (``silu_mul``) SiLU(gate) * up. fp64 inputs give the
+    exact function."""
     h = x if residual is None else x + residual
     hidden = h.to(torch.promote_types(h.dtype, torch.float32))
     normed = (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
@@ -233,4 +298,7 @@ def rmsnorm_linear_ref(x, w_folded, eps=1e-6, residual=None, rms_cols_start=0):
         torch.nn.functional.linear(h, w_folded[:rms_cols_start]),
         torch.nn.functional.linear(normed, w_folded[rms_cols_start:]),
     ], dim=-1)
+    if silu_mul:
+        gate, up = y.chunk(2, dim=-1)
+        y = torch.nn.functional.silu(gate) * up
     return y if residual is None else (y, h)

@@ -103,9 +103,6 @@ class Config:
             raise ValueError(f"kvcache_block_size must be a positive multiple of 16, got {self.kvcache_block_size}")
         if self.fusion not in FUSION_MODES:
             raise ValueError(f"fusion must be one of {FUSION_MODES}, got {self.fusion!r}")
-        if self.fusion == "full":
-            raise NotImplementedError("fusion='full' (QK-norm, RoPE and KV store in the qkv epilogue) is not "
-                                      "implemented yet; use 'norm_linear'")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):

@@ -1,8 +1,8 @@
-"""The fused RMSNorm+linear engine path against the unfused one."""
+"""The fused engine paths (fusion="norm_linear" and "full") against the unfused one."""
 import pytest
 import torch
 
-from minivllm import LLM
+from minivllm import LLM, SamplingParams
 from tests.helpers import greedy_tokens, random_prompts, tiny_checkpoint
 
 
@@ -18,6 +18,25 @@ def test_norm_linear_fusion_keeps_greedy_tokens(tied):
                                    off.model_runner.model.model.embed_tokens.weight)
 
 
-def test_full_fusion_is_not_silently_accepted():
-    with pytest.raises(NotImplementedError, match="full"):
-        LLM(tiny_checkpoint(), device="cpu", fusion="full")
+def test_full_fusion_keeps_greedy_tokens_through_caching_chunking_and_preemption():
+    # CPU: the fused ops run their torch references, which must store K/V exactly where the
+    # unfused attention layer did, for prefix-cache hits, prefill chunks and recomputation.
+    ckpt = tiny_checkpoint()
+    base = random_prompts([40], seed=12)[0]
+    prompts = [base + tail for tail in random_prompts([3, 20], seed=13)] + random_prompts([1, 15, 33], seed=14)
+    settings = dict(max_model_len=96, max_num_batched_tokens=24)  # chunked prefill
+    reference = greedy_tokens(LLM(ckpt, device="cpu", fusion="off", **settings), prompts, max_tokens=30)
+    full = LLM(ckpt, device="cpu", fusion="full", **settings)
+    assert greedy_tokens(full, prompts, max_tokens=30) == reference
+    again = full.generate(prompts, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in again] == reference
+    assert all(o.num_cached_tokens > 0 for o in again[:2])  # the second pass hit the prefix cache
+    # 6 blocks of 16 tokens: one sequence fits, the batch does not, so sequences get preempted.
+    tight = LLM(ckpt, device="cpu", fusion="full", num_kvcache_blocks=6, **settings)
+    assert greedy_tokens(tight, prompts, max_tokens=30) == reference
+    assert tight.scheduler.num_preemptions > 0
+
+
+def test_unknown_fusion_is_rejected():
+    with pytest.raises(ValueError, match="fusion"):
+        LLM(tiny_checkpoint(), device="cpu", fusion="everything")

@@ -16,7 +16,7 @@ def test_tiny_fp32_on_gpu_matches_cpu_reference():
     prompts = random_prompts([1, 15, 17, 40, 300], seed=21)
     cpu = greedy_tokens(LLM(ckpt, device="cpu"), prompts, max_tokens=24)
     for eager in (True, False):
-        for fusion in ("off", "norm_linear"):
+        for fusion in ("off", "norm_linear", "full"):
             llm = LLM(ckpt, device="cuda", dtype="float32", enforce_eager=eager, fusion=fusion,
                       kvcache_block_size=16, max_num_seqs=8, max_model_len=512)
             assert greedy_tokens(llm, prompts, max_tokens=24) == cpu, (eager, fusion)
@@ -30,28 +30,93 @@ def qwen3_06b(tmp_path_factory):
     return path
 
 
-def last_logits(llm, prompts):
-    """Logits of the first sampled token of each prompt (prefill), through the engine's sampler."""
+FORCED_TOKEN = 100
+
+
+def step_logits(llm, prompts, max_tokens=1):
+    """Logits of every step's sampled rows (prefill, then decode through the CUDA graphs). The
+    sampler is made to return FORCED_TOKEN, so engines that round differently still decode the
+    same tokens and their logits stay comparable step by step."""
     seen = []
     sampler = llm.model_runner.sampler
     original = sampler.forward
-    sampler.forward = lambda logits, *a: seen.append(logits.clone()) or original(logits, *a)
-    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
-    sampler.forward = original
+
+    def record_and_force(logits, *args):
+        seen.append(logits.clone())
+        return torch.full(logits.shape[:1], FORCED_TOKEN, dtype=torch.int64, device=logits.device)
+
+    sampler.forward = record_and_force
+    try:
+        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
+    finally:
+        sampler.forward = original
     return torch.cat(seen)
 
 
 def test_qwen3_06b_bf16_fusion_and_graphs_agree(qwen3_06b):
     prompts = random_prompts([7, 100, 513], vocab=151936, seed=22)
     off = LLM(qwen3_06b, max_model_len=1024, max_num_seqs=16, gpu_memory_utilization=0.5)
-    ref = last_logits(off, prompts)
+    ref = step_logits(off, prompts, max_tokens=5)
     graph_tokens = greedy_tokens(off, prompts, max_tokens=32)
     del off
     eager = LLM(qwen3_06b, max_model_len=1024, max_num_seqs=16, gpu_memory_utilization=0.5, enforce_eager=True)
     assert greedy_tokens(eager, prompts, max_tokens=32) == graph_tokens
     del eager
-    fused = LLM(qwen3_06b, max_model_len=1024, max_num_seqs=16, gpu_memory_utilization=0.5, fusion="norm_linear")
-    got = last_logits(fused, prompts)
-    # bf16 tolerance: the two paths round differently (folded weights, deferred 1/rms).
-    rel = (got - ref).norm() / ref.norm()
-    assert torch.isfinite(got).all() and rel < 2e-2, rel
+    for fusion in ("norm_linear", "full"):
+        fused = LLM(qwen3_06b, max_model_len=1024, max_num_seqs=16, gpu_memory_utilization=0.5, fusion=fusion)
+        got = step_logits(fused, prompts, max_tokens=5)
+        del fused
+        # bf16 tolerance: the paths round differently (folded weights, deferred 1/rms, fewer roundings).
+        # Rows: the prefill's 3, then 4 decode steps of 3 (CUDA graph of batch 4).
+        for rows, phase in ((slice(0, 3), "prefill"), (slice(3, None), "decode")):
+            rel = (got[rows] - ref[rows]).norm() / ref[rows].norm()
+            assert torch.isfinite(got[rows]).all() and rel < 2e-2, (fusion, phase, rel)
+
+
+def cuda_kernels_in(fn) -> int:
+    """CUDA kernels launched by ``fn`` (copies and memsets are not kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and not e.name.startswith(("Memcpy", "Memset")))
+
+
+def test_qwen3_06b_full_fusion_runs_at_most_6_kernels_per_layer_at_decode(qwen3_06b):
+    """Kernels of one eager decode step at batch 1, per decoder layer.
+
+    One decode step = kernels of generate(max_tokens=3) - kernels of generate(max_tokens=2)
+    (fresh prompts of one length, no prefix caching: the prefills are identical). Kernels outside
+    the layers (embedding, final norm + lm_head, sampler, index ops) do not depend on the number
+    of layers, so running the step with all 28 layers and with the first 14 gives
+    per layer = (n28 - n14) / 14 exactly, whatever those outside kernels are. The prompt is long
+    enough (1000 tokens) that decode attention splits its keys: the split merge is counted.
+    """
+    prompt_len, gen = 1000, torch.Generator().manual_seed(5)
+    counts = {}
+    for fusion in ("off", "norm_linear", "full"):
+        llm = LLM(qwen3_06b, max_model_len=1100, max_num_seqs=4, gpu_memory_utilization=0.5, fusion=fusion,
+                  enforce_eager=True, enable_prefix_caching=False)
+
+        def step_kernels():
+            def run(max_tokens):
+                prompt = torch.randint(3, 150000, (prompt_len,), generator=gen).tolist()
+                llm.generate([prompt], SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+                             use_tqdm=False)
+            run(3)  # autotuning and warm-up outside the counts
+            return cuda_kernels_in(lambda: run(3)) - cuda_kernels_in(lambda: run(2))
+
+        layers = llm.model_runner.model.model.layers
+        all_layers = step_kernels()
+        llm.model_runner.model.model.layers = torch.nn.ModuleList(layers[:len(layers) // 2])
+        half_layers = step_kernels()
+        llm.model_runner.model.model.layers = layers
+        per_layer = (all_layers - half_layers) / (len(layers) - len(layers) // 2)
+        counts[fusion] = (per_layer, all_layers - per_layer * len(layers))
+        del llm
+    print("kernels per decode step: (per layer, outside the layers):", counts)
+    assert counts["full"][0] == int(counts["full"][0]), counts
+    assert counts["full"][0] <= 6, counts
+    assert counts["full"][0] < counts["norm_linear"][0] < counts["off"][0], counts

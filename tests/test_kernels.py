@@ -9,18 +9,12 @@ function must not exceed that of the plain-torch unfused path in the same dtype,
 small slack. Outputs are allocated NaN-filled, so an element the kernel never writes
 fails the test.
 """
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-# Triton picks the interpreter when it is first imported. If another test module imported
-# it first (a full `pytest` run), test_cpu_kernels_in_fresh_process reruns this file in a
-# new process instead.
-if not torch.cuda.is_available() and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from tests.kernel_testing import poisoned, rerun_in_interpreter, select_interpreter
+
+select_interpreter()
 
 from kernels import (  # noqa: E402
     add_rmsnorm,
@@ -48,21 +42,7 @@ runs_kernels = pytest.mark.skipif(not ON_TRITON, reason="kernels would run their
 def test_cpu_kernels_in_fresh_process():
     if ON_TRITON or not HAVE_TRITON:
         pytest.skip("the kernel tests run in this process" if ON_TRITON else "Triton is not installed")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "not gpu", "-p", "no:cacheprovider", __file__],
-                         cwd=root, env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
-
-
-def poisoned(fn, *args, **kwargs):
-    """Call ``fn`` with every torch.empty NaN-filled, so unwritten outputs show up."""
-    was_on = torch.are_deterministic_algorithms_enabled()
-    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        torch.use_deterministic_algorithms(was_on, warn_only=was_warn_only)
+    rerun_in_interpreter(__file__)
 
 
 def rel_err(y: torch.Tensor, exact: torch.Tensor) -> float:

@@ -4,18 +4,12 @@ CPU: the kernels run under Triton's interpreter (tiny shapes, fp32 and fp16) aga
 over NaN-filled caches with shuffled blocks, and every buffer the wrappers allocate starts as NaN.
 GPU: bf16 at Qwen3-0.6B shapes against the fp32 reference, and CUDA-graph capture of decode.
 """
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-# The CPU tests run the kernels under Triton's interpreter, which has to be chosen before triton is first
-# imported. If another test module imported it first (a full `pytest` run), test_cpu_kernels_in_fresh_process
-# runs them in a new process instead.
-if not torch.cuda.is_available() and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from tests.kernel_testing import rerun_in_interpreter, select_interpreter
+
+select_interpreter()
 
 from kernels.paged_attention import (  # noqa: E402
     paged_attention,
@@ -33,10 +27,7 @@ cpu = pytest.mark.skipif(not INTERPRETED, reason="triton was imported before TRI
 def test_cpu_kernels_in_fresh_process():
     if INTERPRETED:
         pytest.skip("the CPU tests run in this process")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "not gpu", "-p", "no:cacheprovider", __file__],
-                         cwd=root, env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    rerun_in_interpreter(__file__)
 
 
 @pytest.fixture(autouse=True)

@@ -31,7 +31,7 @@ class ModelRunner:
             torch.set_default_dtype(default_dtype)
         load_model(self.model, config.model)
         if config.fusion != "off":
-            self.model.fuse_norms()
+            self.model.fuse_norms(config.fusion)
         self.sampler = Sampler()
         self.kv_cache = None
         self.graphs = {}

@@ -1,9 +1,12 @@
 import torch
 from torch import nn
 
+from kernels import rope_ref
+
 
 class RotaryEmbedding(nn.Module):
-    """RoPE in HF's rotate-half convention, with a cos/sin table for every position."""
+    """RoPE in HF's rotate-half convention, with a cos/sin table for every position
+    (``cos_sin`` [max_position, head_dim]: cos then sin; the fused qkv kernel reads it too)."""
 
     def __init__(self, head_dim: int, max_position: int, base: float):
         super().__init__()
@@ -13,9 +16,4 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions, q, k):
         cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x, cos, sin):
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
+        return rope_ref(q, cos, sin), rope_ref(k, cos, sin)

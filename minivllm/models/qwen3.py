@@ -2,7 +2,11 @@
 
 With ``fuse_norms`` each RMSNorm that feeds a linear (input_layernorm -> qkv,
 post_attention_layernorm -> gate_up, norm -> lm_head) is folded into that linear's weight
-and computed by ``kernels.rmsnorm_linear`` in the same pass as the matrix product.
+and computed by ``kernels.rmsnorm_linear`` in the same pass as the matrix product
+(fusion "norm_linear"). Fusion "full" also moves what follows into those kernels'
+epilogues: QK-norm, RoPE and the KV-cache store after qkv
+(``kernels.rmsnorm_qkv_rope_store``), SiLU(gate) * up after gate_up. A decoder layer then
+runs five kernels at decode (six when attention splits its keys).
 """
 import torch
 import torch.nn.functional as F
@@ -10,7 +14,8 @@ from torch import nn
 
 import kernels
 
-from minivllm.config import ModelConfig
+from minivllm.config import FUSION_MODES, ModelConfig
+from minivllm.context import get_context
 from minivllm.distributed import tp_size
 from minivllm.layers.attention import Attention
 from minivllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
@@ -42,6 +47,16 @@ class Qwen3Attention(nn.Module):
         o = self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim))
         return self.o_proj(o.flatten(1))
 
+    def forward_fused(self, positions, hidden, residual, input_layernorm: RMSNorm):
+        """The whole block from the un-normalised residual stream: one kernel up to q and the
+        cached K/V, then attention and o_proj. Returns the output and the new residual."""
+        out = kernels.rmsnorm_qkv_rope_store(
+            hidden, self.qkv_proj.weight, input_layernorm.eps, residual, self.q_norm.weight, self.k_norm.weight,
+            self.q_norm.eps, self.rotary_emb.cos_sin, positions, self.attn.k_cache, self.attn.v_cache,
+            get_context().slot_mapping)
+        q, residual = (out, hidden) if residual is None else out
+        return self.o_proj(self.attn(q).flatten(1)), residual
+
 
 class Qwen3MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -62,7 +77,14 @@ class Qwen3DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions, hidden, residual, fused: bool):
+    def forward(self, positions, hidden, residual, fusion: str):
+        if fusion == "full":
+            hidden, residual = self.self_attn.forward_fused(positions, hidden, residual, self.input_layernorm)
+            norm = self.post_attention_layernorm
+            act, residual = kernels.rmsnorm_linear(hidden, self.mlp.gate_up_proj.weight, norm.eps, residual,
+                                                   silu_mul=True)
+            return self.mlp.down_proj(act), residual
+        fused = fusion == "norm_linear"
         attn = self.self_attn
         # Only v needs the 1/rms scale: q and k go through their own RMSNorm, which cancels it.
         qkv, residual = norm_linear(self.input_layernorm, attn.qkv_proj, hidden, residual, fused,
@@ -78,14 +100,14 @@ class Qwen3Model(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.fused = False
+        self.fusion = "off"
 
     def forward(self, input_ids, positions):
         """Returns the last layer's output and residual; the final norm is applied by
         ``compute_logits`` to the rows that are sampled."""
         hidden, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, self.fused)
+            hidden, residual = layer(positions, hidden, residual, self.fusion)
         return hidden, residual
 
 
@@ -105,10 +127,14 @@ class Qwen3ForCausalLM(nn.Module):
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden, residual):
-        return self.lm_head.logits(norm_linear(self.model.norm, self.lm_head, hidden, residual, self.model.fused)[0])
+        fused = self.model.fusion != "off"
+        return self.lm_head.logits(norm_linear(self.model.norm, self.lm_head, hidden, residual, fused)[0])
 
-    def fuse_norms(self):
-        """Fold each RMSNorm weight into the linear it feeds (once, at load time)."""
+    def fuse_norms(self, fusion: str = "norm_linear"):
+        """Fold each RMSNorm weight into the linear it feeds (once, at load time) and run the
+        fused kernels of ``fusion`` ("norm_linear" or "full") from now on."""
+        if fusion not in FUSION_MODES[1:]:
+            raise ValueError(f"fuse_norms: fusion must be one of {FUSION_MODES[1:]}, got {fusion!r}")
         if any(layer.self_attn.qkv_proj.bias is not None for layer in self.model.layers):
             raise ValueError("RMSNorm+linear fusion does not support a qkv bias")
         with torch.no_grad():
@@ -119,7 +145,7 @@ class Qwen3ForCausalLM(nn.Module):
             # A tied lm_head gets a weight of its own: the embedding must stay unscaled.
             self.lm_head.weight = nn.Parameter(kernels.fold_rmsnorm_weight(self.model.norm.weight, self.lm_head.weight),
                                                requires_grad=False)
-        self.model.fused = True
+        self.model.fusion = fusion
 
 
 def norm_linear(norm: RMSNorm, linear: nn.Module, x, residual, fused: bool, rms_cols_start: int = 0):

@@ -1,0 +1,228 @@
+"""Qwen3's whole attention prologue in one kernel: RMSNorm + qkv projection (as in
+``rmsnorm_linear``), then per-head QK RMSNorm, RoPE and the K/V store into the paged cache.
+
+Unfused, a decode step runs norm -> qkv GEMM -> q_norm -> k_norm -> RoPE (q, k) ->
+store_kvcache, each a kernel that re-reads what the previous one wrote. Here a program owns
+BLOCK_M rows times ONE whole head of the qkv output, so everything after the GEMM is a
+register epilogue:
+
+  * v heads get the row's ``r = rsqrt(mean(h ** 2) + eps)`` and go to ``v_cache``;
+  * q and k heads skip ``r`` (their own RMSNorm removes any per-row factor) and are
+    normalised over the head. To stay exact, eps is scaled like the values it is added to:
+    with ``a = q / r`` (what the GEMM gives), ``q * rsqrt(mean(q**2) + eps_qk)`` equals
+    ``a * rsqrt(mean(a**2) + eps_qk / r**2)`` and ``1 / r**2 = mean(h**2) + eps``;
+  * RoPE in the rotate-half convention pairs element i with i + head_dim/2 of the same head:
+    the head's accumulator is split into its two halves in registers, and
+    ``out1 = a1*cos - a2*sin, out2 = a2*cos + a1*sin``;
+  * q is written out for attention; k and v go to the cache at ``slot_mapping`` (slot -1:
+    not stored, for padded rows of a CUDA graph).
+
+The K loop is ``rmsnorm_linear``'s (``_norm_matmul``), with BLOCK_N = head_dim. The same
+kernel serves decode (one row block, programs = heads) and prefill (tiled, grouped order).
+"""
+import torch
+
+from kernels.paged_attention import INDEX_DTYPES, _check_cache, store_kvcache_ref
+from kernels.rmsnorm import INTERPRET, check_tensors, rmsnorm_ref, tl, triton, use_triton
+from kernels.rmsnorm_linear import SMALL_M, _configs, _m_bucket, _norm_matmul, _tile_ids, precision, rmsnorm_linear_ref
+
+if INTERPRET:
+    _DECODE_CONFIGS = _configs(("BLOCK_K",), [(32, 1, 1)])
+    _PREFILL_CONFIGS = _configs(("BLOCK_M", "BLOCK_K", "GROUP_M"), [(32, 32, 2, 1, 1)])
+else:
+    # BLOCK_N is the head (128 for Qwen3): a W tile is BLOCK_K x 128, 16-64 KB per stage.
+    _DECODE_CONFIGS = _configs(("BLOCK_K",), [
+        (64, 4, 4),
+        (128, 4, 4),
+        (128, 8, 4),
+        (256, 8, 3),
+    ])
+    _PREFILL_CONFIGS = _configs(("BLOCK_M", "BLOCK_K", "GROUP_M"), [
+        (128, 64, 8, 8, 3),
+        (128, 64, 8, 8, 4),
+        (64, 64, 8, 4, 4),
+        (64, 64, 8, 4, 3),
+    ])
+
+
+@triton.jit
+def rmsnorm_qkv_kernel(
+    X, R, H, W, Q, KC, VC, SLOTS, POS, COS_SIN, QW, KW,
+    M, K, M_BUCKET,  # M_BUCKET: only read by the autotuners' keys
+    num_q_heads, num_kv_heads,
+    stride_xm, stride_rm, stride_hm, stride_wn, stride_qm, stride_qh,
+    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_cs,
+    eps, qk_eps,
+    HAS_RESIDUAL: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, CACHE_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    HALF: tl.constexpr = HEAD_DIM // 2
+    num_heads = num_q_heads + 2 * num_kv_heads  # qkv columns: q heads, k heads, v heads
+    pid_m, head = _tile_ids(M, num_heads, BLOCK_M, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = head * HEAD_DIM + tl.arange(0, HEAD_DIM)
+    w_rows = offs_n.to(tl.int64)[None, :] * stride_wn
+    acc, _, sumsq = _norm_matmul(
+        X, R, H, W, offs_m, w_rows, w_rows, offs_n < num_heads * HEAD_DIM, M, K, tl.where(head == 0, M, 0),
+        stride_xm, stride_rm, stride_hm,
+        HAS_RESIDUAL, False, PRECISION, BLOCK_M, HEAD_DIM, BLOCK_K,
+    )
+
+    mask_m = offs_m < M
+    mean_sq = sumsq / K
+    slot = tl.load(SLOTS + offs_m, mask=mask_m, other=-1).to(tl.int64)  # int64: block * stride can pass 2**31
+    cache_block, cache_offset = slot // CACHE_BLOCK, slot % CACHE_BLOCK
+    mask_cache = (mask_m & (slot >= 0))[:, None]
+    if head >= num_q_heads + num_kv_heads:
+        v = acc * tl.rsqrt(mean_sq + eps)[:, None]
+        v_head = head - num_q_heads - num_kv_heads
+        cols = tl.arange(0, HEAD_DIM)[None, :]
+        dst = VC + cache_block[:, None] * stride_vcb + cache_offset[:, None] * stride_vcs + v_head * stride_vch
+        tl.store(dst + cols, v.to(VC.dtype.element_ty), mask=mask_cache)
+    else:
+        a1, a2 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
+        head_mean_sq = (tl.sum(a1 * a1, axis=1) + tl.sum(a2 * a2, axis=1)) / HEAD_DIM
+        rstd = tl.rsqrt(head_mean_sq + qk_eps * (mean_sq + eps))[:, None]
+        d = tl.arange(0, HALF)[None, :]
+        if head < num_q_heads:
+            g1 = tl.load(QW + d).to(tl.float32)
+            g2 = tl.load(QW + HALF + d).to(tl.float32)
+        else:
+            g1 = tl.load(KW + d).to(tl.float32)
+            g2 = tl.load(KW + HALF + d).to(tl.float32)
+        n1 = a1 * rstd * g1
+        n2 = a2 * rstd * g2
+        pos = tl.load(POS + offs_m, mask=mask_m, other=0).to(tl.int64)[:, None]
+        cos = tl.load(COS_SIN + pos * stride_cs + d, mask=mask_m[:, None], other=0.0)
+        sin = tl.load(COS_SIN + pos * stride_cs + HALF + d, mask=mask_m[:, None], other=0.0)
+        out1 = n1 * cos - n2 * sin
+        out2 = n2 * cos + n1 * sin
+        if head < num_q_heads:
+            dst = Q + offs_m.to(tl.int64)[:, None] * stride_qm + head * stride_qh
+            tl.store(dst + d, out1.to(Q.dtype.element_ty), mask=mask_m[:, None])
+            tl.store(dst + HALF + d, out2.to(Q.dtype.element_ty), mask=mask_m[:, None])
+        else:
+            k_head = head - num_q_heads
+            dst = KC + cache_block[:, None] * stride_kcb + cache_offset[:, None] * stride_kcs + k_head * stride_kch
+            tl.store(dst + d, out1.to(KC.dtype.element_ty), mask=mask_cache)
+            tl.store(dst + HALF + d, out2.to(KC.dtype.element_ty), mask=mask_cache)
+
+
+_KEY = ["M_BUCKET", "num_q_heads", "num_kv_heads", "K", "HAS_RESIDUAL"]
+_decode_kernel = triton.autotune(configs=_DECODE_CONFIGS, key=_KEY)(rmsnorm_qkv_kernel)
+_prefill_kernel = triton.autotune(configs=_PREFILL_CONFIGS, key=_KEY)(rmsnorm_qkv_kernel)
+
+
+def kernel_for(m: int):
+    """The autotuned kernel that serves M rows, and the meta-parameters the wrapper fixes."""
+    if m <= SMALL_M:
+        return _decode_kernel, {"BLOCK_M": _m_bucket(m), "GROUP_M": 1}
+    return _prefill_kernel, {}
+
+
+def _check_args(op, x, w_folded, residual, q_norm_weight, k_norm_weight, cos_sin, positions, k_cache, v_cache,
+                slot_mapping):
+    _check_cache(op, k_cache, v_cache)
+    if x.dim() != 2 or w_folded.dim() != 2 or x.shape[1] != w_folded.shape[1] or x.shape[1] == 0:
+        raise ValueError(f"{op}: x {tuple(x.shape)} must be [M, K] and w_folded {tuple(w_folded.shape)} [N, K]")
+    num_kv_heads, head_dim = k_cache.shape[2:]
+    num_q_heads = w_folded.shape[0] // head_dim - 2 * num_kv_heads
+    if w_folded.shape[0] % head_dim or num_q_heads < num_kv_heads or num_q_heads % num_kv_heads:
+        raise ValueError(f"{op}: w_folded has {w_folded.shape[0]} rows; expected (Hq + 2 * {num_kv_heads}) * "
+                         f"{head_dim} with Hq a multiple of the cache's {num_kv_heads} KV heads")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"{op}: residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
+    for name, t in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
+        if t.shape != (head_dim,):
+            raise ValueError(f"{op}: {name} {tuple(t.shape)} must be [head_dim={head_dim}]")
+    tensors = dict(x=x, w_folded=w_folded, q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight,
+                   k_cache=k_cache, v_cache=v_cache)
+    check_tensors(op, **tensors, **({} if residual is None else {"residual": residual}))
+    if cos_sin.dim() != 2 or cos_sin.shape[1] != head_dim or cos_sin.dtype != torch.float32:
+        raise ValueError(f"{op}: cos_sin must be an fp32 [max_position, head_dim={head_dim}] table, got "
+                         f"{tuple(cos_sin.shape)} {cos_sin.dtype}")
+    check_tensors(op, cos_sin=cos_sin)
+    for name, t in (("positions", positions), ("slot_mapping", slot_mapping)):
+        if t.shape != x.shape[:1] or t.dtype not in INDEX_DTYPES or not t.is_contiguous():
+            raise ValueError(f"{op}: {name} must be a contiguous [M={x.shape[0]}] int32/int64 tensor, got "
+                             f"{tuple(t.shape)} {t.dtype}")
+    for name, t in (("cos_sin", cos_sin), ("positions", positions), ("slot_mapping", slot_mapping)):
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+    return num_q_heads
+
+
+def rmsnorm_qkv_rope_store(
+    x: torch.Tensor,
+    w_folded: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None,
+    q_norm_weight: torch.Tensor,
+    k_norm_weight: torch.Tensor,
+    qk_eps: float,
+    cos_sin: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+):
+    """Qwen3's attention input: returns q ``[M, Hq, D]`` (normed, rotated) and stores k, v.
+
+    ``h = x (+ residual)``; ``qkv = rmsnorm(h) @ W.T`` with ``w_folded = fold_rmsnorm_weight(
+    input_layernorm.weight, W_qkv)`` ([(Hq + 2 Hkv) * D, K], rows q heads, k heads, v heads);
+    ``q = rope(q_norm(q))``, ``k = rope(k_norm(k))`` with ``cos_sin`` [max_position, D] (cos
+    then sin, fp32) at ``positions`` [M]; k, v written to the ``[blocks, block_size, Hkv, D]``
+    caches at ``slot_mapping`` [M] (-1: skipped). With a residual returns ``(q, h)``.
+    """
+    op = "rmsnorm_qkv_rope_store"
+    num_q_heads = _check_args(op, x, w_folded, residual, q_norm_weight, k_norm_weight, cos_sin, positions,
+                              k_cache, v_cache, slot_mapping)
+    if not use_triton(x):
+        return rmsnorm_qkv_rope_store_ref(x, w_folded, eps, residual, q_norm_weight, k_norm_weight, qk_eps, cos_sin,
+                                          positions, k_cache, v_cache, slot_mapping)
+    m, k = x.shape
+    num_kv_heads, head_dim = k_cache.shape[2:]
+    q = torch.empty((m, num_q_heads, head_dim), dtype=x.dtype, device=x.device)
+    h = torch.empty_like(x) if residual is not None else None
+    if m > 0:
+        kernel, meta = kernel_for(m)
+
+        def grid(cfg):
+            return (triton.cdiv(m, cfg["BLOCK_M"]) * (num_q_heads + 2 * num_kv_heads),)
+
+        kernel[grid](
+            x, residual, h, w_folded, q, k_cache, v_cache, slot_mapping, positions, cos_sin,
+            q_norm_weight, k_norm_weight,
+            m, k, _m_bucket(m), num_q_heads, num_kv_heads,
+            x.stride(0), residual.stride(0) if residual is not None else 0, h.stride(0) if h is not None else 0,
+            w_folded.stride(0), q.stride(0), q.stride(1),
+            *k_cache.stride()[:3], *v_cache.stride()[:3], cos_sin.stride(0),
+            eps, qk_eps,
+            HAS_RESIDUAL=residual is not None, PRECISION=precision(x.dtype),
+            HEAD_DIM=head_dim, CACHE_BLOCK=k_cache.shape[1], **meta,
+        )
+    return q if residual is None else (q, h)
+
+
+def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of ``x`` [..., D] with ``cos``, ``sin`` [..., D/2] (broadcast), computed
+    in fp32 (fp64 for fp64 x) and rounded to x's dtype once."""
+    x1, x2 = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
+
+
+def rmsnorm_qkv_rope_store_ref(x, w_folded, eps, residual, q_norm_weight, k_norm_weight, qk_eps, cos_sin, positions,
+                               k_cache, v_cache, slot_mapping):
+    """``rmsnorm_qkv_rope_store`` as the unfused engine path computes it (each step rounded to
+    x's dtype, r applied to every column as HF does); fp64 inputs give the exact function."""
+    out = rmsnorm_linear_ref(x, w_folded, eps, residual)
+    qkv, h = (out, x) if residual is None else out
+    num_kv_heads, head_dim = k_cache.shape[2:]
+    q, k, v = qkv.view(x.shape[0], -1, head_dim).split([qkv.shape[1] // head_dim - 2 * num_kv_heads,
+                                                        num_kv_heads, num_kv_heads], dim=1)
+    cos, sin = cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
+    q = rope_ref(rmsnorm_ref(q, q_norm_weight, qk_eps), cos, sin)
+    k = rope_ref(rmsnorm_ref(k, k_norm_weight, qk_eps), cos, sin)
+    store_kvcache_ref(k, v, k_cache, v_cache, slot_mapping)
+    return q if residual is None else (q, h)
