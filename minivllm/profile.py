@@ -11,6 +11,7 @@ attributed to the innermost engine op (module or kernels call) that launched it.
 """
 import argparse
 import collections
+import gc
 import json
 import re
 import statistics
@@ -20,6 +21,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+import kernels
 import minivllm.layers.attention as attention_mod
 import minivllm.models.qwen3 as qwen3_mod
 from minivllm import LLM, SamplingParams
@@ -30,7 +32,7 @@ from minivllm.layers.rotary import RotaryEmbedding
 
 # Ops that are one kernel launch on the GPU (a CPU run counts each such call once).
 KERNEL_LIKE = {"norm", "fused_norm_linear", "kv_store", "attention"}
-NAME_RULES = [("fused_norm_linear", "rmsnorm_linear"), ("norm", "rmsnorm"), ("attention", "attention|combine_splits"),
+NAME_RULES = [("fused_norm_linear", "rmsnorm_linear|rmsnorm_qkv"), ("norm", "rmsnorm"), ("attention", "attention|combine_splits"),
               ("kv_store", "kvcache"), ("gemm", "gemm|gemv|nvjet|cutlass|xmma|cublas|aten::linear|aten::mm|aten::addmm"),
               ("rope", "rotary|rope"), ("activation", "silu|gelu"),
               ("elementwise", "elementwise|aten::(mul|add|sub|cat|copy_|to|div|pow|mean|rsqrt|neg)")]
@@ -62,15 +64,19 @@ def instrument(llm: LLM):
 
     def labelled(fn, label):
         def call(*args, **kwargs):
-            lbl = label(*args) if callable(label) else label
+            lbl = label(*args, **kwargs) if callable(label) else label
             with record_function(lbl):
                 return fn(*args, **kwargs)
         return call
 
     patches = [(attention_mod, "store_kvcache", "mv::kv_store::store_kvcache"),
                (attention_mod, "paged_attention", "mv::attention::paged_attention"),
-               (qwen3_mod, "norm_linear", lambda norm, lin, *a: (f"mv::fused_norm_linear::{names[id(norm)]}+"
-                                                                  f"{names[id(lin)]}" if model.model.fused else "mv::x"))]
+               (qwen3_mod, "norm_linear", lambda norm, lin, x, res, fused, **kw: (
+                   f"mv::fused_norm_linear::{names[id(norm)]}+{names[id(lin)]}" if fused else "mv::x")),
+               # fusion="full": the qkv kernel (+ QK-norm, RoPE, KV store) and gate_up (+ SiLU * up)
+               (kernels, "rmsnorm_qkv_rope_store", "mv::fused_norm_linear::input_layernorm+qkv+qknorm+rope+kv_store"),
+               (kernels, "rmsnorm_linear", lambda *a, **kw: ("mv::fused_norm_linear::post_attention_layernorm+"
+                                                             "gate_up+silu_mul" if kw.get("silu_mul") else "mv::x"))]
     sampler = llm.model_runner.sampler
     patches.append((sampler, "forward", "mv::other::sampler"))
     for obj, attr, label in patches:
@@ -204,6 +210,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     rows, skipped = [], {}
     for fusion in args.fusion.split(","):
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the previous mode's engine
         try:
             rows += profile_mode(args, fusion)
         except NotImplementedError as e:  # a mode the engine rejects
