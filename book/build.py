@@ -57,8 +57,23 @@ def execute(slugs, out: Path, profile: str, device: str, results_dir: Path) -> b
                   f"the executed notebook with the traceback: {out / (slug + '.ipynb')}", file=sys.stderr)
             return False
         print(f"ok {time.time() - t0:.1f} s", flush=True)
+        tidy(out / f"{slug}.ipynb")
     print(f"executed {len(slugs)} chapters ({profile} profile, {device}) in {time.time() - start:.0f} s")
     return True
+
+
+def tidy(path: Path):
+    """In the HTML, fold the parameters cell away and drop the cell papermill injected (the
+    banner each chapter prints says which profile and device ran)."""
+    import nbformat
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        tags = cell.metadata.setdefault("tags", [])
+        if "parameters" in tags:
+            tags.append("hide-cell")
+        if "injected-parameters" in tags:
+            tags.append("remove-cell")
+    nbformat.write(nb, path)
 
 
 def stage(book_dir: Path):
