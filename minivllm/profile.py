@@ -103,12 +103,17 @@ def step_kernels(prof, on_gpu: bool):
     events = list(prof.events())
     steps = sorted((e for e in events if e.name == "mv::step"), key=lambda e: e.time_range.start)
     by_id = {e.id: e for e in events if e.device_type == torch.autograd.DeviceType.CPU}
+    # torch < 2.13 keeps no link from a kernel to its launching op: go through the runtime call
+    # (cudaLaunchKernel & co.), which shares the kernel's correlation id and nests in the op.
+    launches = {e.id: e for e in events
+                if e.device_type == torch.autograd.DeviceType.CPU and re.match(r"cu(da)?\w*Launch", e.name)}
     out = [[] for _ in steps]
     for ev in events:
         if on_gpu:
             if ev.device_type != torch.autograd.DeviceType.CUDA:
                 continue
-            launch = by_id.get(ev.linked_correlation_id)
+            linked = getattr(ev, "linked_correlation_id", None)
+            launch = by_id.get(linked) if linked else launches.get(ev.id)
             label, _ = labels_of(launch, include_self=True) if launch is not None else (None, False)
             t = launch.time_range.start if launch is not None else ev.time_range.start
         else:

@@ -130,6 +130,8 @@ class ModelRunner:
         def tensor(values, dtype):
             return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
         params = [seq.sampling_params for seq in seqs]
+        if all(p.temperature == 0 for p in params):
+            return (None,) * 5  # greedy: the sampler needs none of them
         return (tensor([p.temperature for p in params], torch.float32),
                 tensor([p.top_k for p in params], torch.int64),
                 tensor([p.top_p for p in params], torch.float32),
@@ -137,7 +139,8 @@ class ModelRunner:
                 tensor([seq.num_completion_tokens for seq in seqs], torch.int64))
 
     def forward(self, input_ids, positions, ctx: dict):
-        """Hidden state and residual of each step's last tokens' rows, before the final norm."""
+        """Logits of each sequence's last new token. A decode step replays a CUDA graph that
+        holds the whole model and the lm_head, so only the sampler runs outside it."""
         batch = len(ctx["seqlens_k"])
         graph_bs = next((bs for bs in self.graphs if bs >= batch), None)
         if ctx["is_prefill"] or graph_bs is None:
@@ -147,7 +150,7 @@ class ModelRunner:
             finally:
                 reset_context()
             last = ctx["cu_seqlens_q"][1:].long() - 1
-            return hidden[last], residual[last]
+            return self.model.compute_logits(hidden[last], residual[last])
         g = self.graph_inputs
         g["input_ids"][:batch] = input_ids
         g["positions"][:batch] = positions
@@ -158,20 +161,18 @@ class ModelRunner:
         width = ctx["block_tables"].shape[1]
         g["block_tables"][:batch, :width] = ctx["block_tables"]
         self.graphs[graph_bs].replay()
-        hidden, residual = self.graph_outputs[graph_bs]
-        return hidden[:batch], residual[:batch]
+        return self.graph_outputs[graph_bs][:batch]
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], num_new: list[int], is_prefill: bool) -> list[int | None]:
         """Computes ``num_new`` tokens of each sequence; returns each one's next token, or None
         for a sequence whose prompt is not yet fully computed."""
         input_ids, positions, ctx = self.prepare(seqs, num_new, is_prefill)
-        hidden, residual = self.forward(input_ids, positions, ctx)
-        logits = self.model.compute_logits(hidden, residual).float()
+        logits = self.forward(input_ids, positions, ctx)
         done = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in zip(seqs, num_new)]
         if not any(done):
             return [None] * len(seqs)
-        tokens = self.sampler(logits, *self.sampling_inputs(seqs)).tolist()
+        tokens = self.sampler(logits.float(), *self.sampling_inputs(seqs)).tolist()
         return [t if d else None for t, d in zip(tokens, done)]
 
     # ---- CUDA graphs ----------------------------------------------------------------
@@ -193,10 +194,10 @@ class ModelRunner:
             set_context(is_prefill=False, cu_seqlens_q=g["cu_seqlens_q"][:bs + 1], seqlens_k=g["seqlens_k"][:bs],
                         max_seqlen_q=1, max_seqlen_k=config.max_model_len, slot_mapping=g["slot_mapping"][:bs],
                         block_tables=g["block_tables"][:bs])
-            self.model(g["input_ids"][:bs], g["positions"][:bs])  # compile and autotune outside the capture
+            self.model.compute_logits(*self.model(g["input_ids"][:bs], g["positions"][:bs]))  # autotune first
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool):
-                self.graph_outputs[bs] = self.model(g["input_ids"][:bs], g["positions"][:bs])
+                self.graph_outputs[bs] = self.model.compute_logits(*self.model(g["input_ids"][:bs], g["positions"][:bs]))
             pool = pool or graph.pool()
             self.graphs[bs] = graph
             torch.cuda.synchronize()

@@ -28,9 +28,10 @@ def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> 
 
 class Sampler(nn.Module):
     def forward(self, logits, temperatures, top_ks, top_ps, seeds, steps):
-        """logits [B, V] (fp32); per-row temperature, top_k (<= 0: off), top_p, seed, step."""
+        """logits [B, V] (fp32); per-row temperature, top_k (<= 0: off), top_p, seed, step.
+        ``temperatures`` None: the whole batch is greedy (the caller knew it without a device sync)."""
         greedy = logits.argmax(-1)
-        if not bool((temperatures > 0).any()):
+        if temperatures is None or not bool((temperatures > 0).any()):
             return greedy
         logits = logits / temperatures.clamp(min=1e-5)[:, None]
         if bool((top_ks > 0).any()) or bool((top_ps < 1).any()):
