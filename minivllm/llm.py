@@ -60,6 +60,7 @@ class LLM:
         self.config = Config(model, **kwargs)
         self.tokenizer = load_tokenizer(model)
         self.workers = []  # spawned ranks 1..N-1
+        self.in_group = False  # until _stop leaves it (the group is per process, the engine may be one of many)
         self.model_runner = None
         try:
             if self.config.tensor_parallel_size > 1:
@@ -86,6 +87,7 @@ class LLM:
             world = int(os.environ["WORLD_SIZE"])
             if world != tp:
                 raise ValueError(f"tensor_parallel_size={tp} but the launcher started WORLD_SIZE={world} processes")
+            self.in_group = True
             distributed.init(rank, tp, config.device)
             return
         if config.device == "cuda" and torch.cuda.device_count() < tp:
@@ -111,6 +113,7 @@ class LLM:
                 raise RuntimeError(f"{worker.name} exited (code {worker.exitcode}) before joining the group; its "
                                    "error is printed above. A script that starts a tensor-parallel engine needs an "
                                    "`if __name__ == '__main__':` guard, since the workers import it") from None
+        self.in_group = True
         distributed.init(0, tp, config.device, init_method)
 
     def shutdown(self):
@@ -133,8 +136,9 @@ class LLM:
                 worker.kill()
                 worker.join()
         self.workers = []
-        if self.config.tensor_parallel_size > 1:
+        if self.in_group:
             distributed.destroy()
+            self.in_group = False
 
     def __enter__(self):
         return self
