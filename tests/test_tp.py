@@ -1,5 +1,6 @@
 """Tensor parallelism on CPU (gloo): two ranks give the same tokens as one, and the worker
 processes never outlive the engine, whatever way it ends."""
+import json
 import multiprocessing
 import os
 import signal
@@ -126,8 +127,8 @@ if __name__ == "__main__":
 def test_workers_end_with_the_parent_process(ending):
     """At a normal exit the engine stops its workers (atexit); a parent killed outright gives
     them no word, so they notice it is gone."""
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, ending, tiny_checkpoint()], cwd=REPO, text=True, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": REPO})
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, ending, tiny_checkpoint()], cwd=REPO, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": REPO})
     try:
         worker = int(proc.stdout.readline())
         if ending == "sigkill":
@@ -136,3 +137,27 @@ def test_workers_end_with_the_parent_process(ending):
         assert wait_gone([worker])
     finally:
         proc.kill()
+
+
+TORCHRUN_SCRIPT = """
+import json, sys
+from minivllm import LLM
+from tests.helpers import greedy_tokens, random_prompts
+
+llm = LLM(sys.argv[1], device="cpu", tensor_parallel_size=2)
+print(json.dumps(greedy_tokens(llm, random_prompts([5, 20, 40], seed=37))))  # only rank 0 gets here
+"""
+
+
+def test_torchrun_launch_uses_its_ranks_instead_of_spawning(tmp_path):
+    ckpt = tiny_checkpoint()
+    script = tmp_path / "generate.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script), ckpt],
+                         cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1
+    with LLM(ckpt, device="cpu") as one:
+        assert json.loads(lines[0]) == greedy_tokens(one, random_prompts([5, 20, 40], seed=37))
