@@ -121,7 +121,7 @@ class LLM:
         this. Safe to call twice; runs at interpreter exit and when a ``with`` block ends."""
         atexit.unregister(self.shutdown)
         try:
-            if self.model_runner is not None and self.config.tensor_parallel_size > 1:
+            if self.model_runner is not None:
                 self.model_runner.call("exit")
         finally:
             self._stop()

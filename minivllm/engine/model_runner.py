@@ -137,6 +137,8 @@ class ModelRunner:
         self.graphs = {}
         self.graph_outputs = {}
         self.kv_cache = None
+        for layer in self.model.model.layers:  # their views would keep the cache alive
+            layer.self_attn.attn.k_cache = layer.self_attn.attn.v_cache = None
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
