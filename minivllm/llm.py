@@ -60,7 +60,7 @@ class LLM:
         self.config = Config(model, **kwargs)
         self.tokenizer = load_tokenizer(model)
         self.workers = []  # spawned ranks 1..N-1
-        self.in_group = False  # until _stop leaves it (the group is per process, the engine may be one of many)
+        self.in_group = False  # whether this engine holds the process's tensor-parallel group
         self.model_runner = None
         try:
             if self.config.tensor_parallel_size > 1:
@@ -81,6 +81,7 @@ class LLM:
         self._seed_rng = random.Random(self.config.seed)
 
     def _join_tensor_parallel_group(self):
+        """Joins the group that torchrun launched this process in, or spawns ranks 1..N-1 here."""
         config, tp = self.config, self.config.tensor_parallel_size
         rank = distributed.torchrun_rank()
         if rank is not None:
@@ -93,9 +94,13 @@ class LLM:
         if config.device == "cuda" and torch.cuda.device_count() < tp:
             raise ValueError(f"tensor_parallel_size={tp} needs {tp} GPUs, found {torch.cuda.device_count()}")
         init_method = distributed.local_init_method()
-        spawn = mp.get_context("spawn")
-        started = []
-        for rank in range(1, tp):
+        self._spawn_workers(init_method)
+        self.in_group = True
+        distributed.init(0, tp, config.device, init_method)
+
+    def _spawn_workers(self, init_method: str):
+        config, spawn, started = self.config, mp.get_context("spawn"), []
+        for rank in range(1, config.tensor_parallel_size):
             started_reader, started_writer = spawn.Pipe(duplex=False)
             worker = spawn.Process(target=run_worker, name=f"minivllm-tp-rank{rank}", daemon=True,
                                    args=(config, rank, init_method, os.getpid(), torch.get_num_threads(),
@@ -113,8 +118,6 @@ class LLM:
                 raise RuntimeError(f"{worker.name} exited (code {worker.exitcode}) before joining the group; its "
                                    "error is printed above. A script that starts a tensor-parallel engine needs an "
                                    "`if __name__ == '__main__':` guard, since the workers import it") from None
-        self.in_group = True
-        distributed.init(0, tp, config.device, init_method)
 
     def shutdown(self):
         """Stops the other tensor-parallel ranks and frees the model; the engine cannot run after

@@ -73,8 +73,9 @@ class ModelRunner:
             layer.self_attn.attn.v_cache = self.kv_cache[1, i]
 
     def kv_budget(self) -> int:
-        """Bytes for the KV cache: a set budget on CPU; on GPU what gpu_memory_utilization leaves
-        after the weights and the peak of a warm-up step of the largest size."""
+        """Bytes for this rank's KV cache: cpu_kvcache_space_gb on CPU; on GPU what
+        gpu_memory_utilization leaves after the weights and the peak of a warm-up step of the
+        largest size."""
         config = self.config
         if self.device.type == "cpu":
             return int(config.cpu_kvcache_space_gb * 2**30)
@@ -139,7 +140,7 @@ class ModelRunner:
         self.kv_cache = None
         for layer in self.model.model.layers:  # their views would keep the cache alive
             layer.self_attn.attn.k_cache = layer.self_attn.attn.v_cache = None
-        if self.device.type == "cuda":
+        if self.device.type == "cuda":  # no kernel may still use the communicators when the group goes
             torch.cuda.synchronize()
 
     # ---- one step -------------------------------------------------------------------
