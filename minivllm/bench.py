@@ -2,11 +2,13 @@
 
     python -m minivllm.bench throughput --model checkpoints/qwen3-0.6b --fusion off,norm_linear
     python -m minivllm.bench latency    --model checkpoints/qwen3-0.6b --fusion off,norm_linear
+    python -m minivllm.bench latency    --model checkpoints/qwen3-8b --tensor-parallel-size 1,2
     python -m minivllm.bench ttft       --model checkpoints/qwen3-0.6b
     python -m minivllm.bench hf         --model checkpoints/qwen3-0.6b
 
-Each writes data/results/<benchmark>-<gpu slug>.json; fusion modes run side by side in one
-process. Every row carries the workload's floor (bytes that must move / measured bandwidth).
+Each writes data/results/<benchmark>-<gpu slug>.json; fusion modes and tensor-parallel sizes
+run side by side in one process. Every row carries the workload's floor (bytes that must
+move / measured bandwidth).
 """
 import argparse
 import datetime
@@ -76,15 +78,25 @@ def kv_bytes_per_token(cfg: ModelConfig, itemsize: int) -> int:
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * itemsize
 
 
-def decode_floor_ms(cfg: ModelConfig, itemsize: int, batch: int, context: int) -> float:
-    """One decode step must read every weight once and each sequence's KV cache once."""
-    return 1e3 * (weight_bytes(cfg, itemsize) + batch * context * kv_bytes_per_token(cfg, itemsize)) / COPY_BANDWIDTH
+def decode_floor_ms(cfg: ModelConfig, itemsize: int, batch: int, context: int, tensor_parallel_size: int) -> float:
+    """One decode step must read every weight once and each sequence's KV cache once; with
+    tensor parallelism each GPU reads its share at the same time (the all-reduces are extra)."""
+    step_bytes = weight_bytes(cfg, itemsize) + batch * context * kv_bytes_per_token(cfg, itemsize)
+    return 1e3 * step_bytes / tensor_parallel_size / COPY_BANDWIDTH
 
 
-def make_engine(args, fusion: str, **kwargs) -> LLM:
-    gc.collect()
-    torch.cuda.empty_cache()
-    return LLM(args.model, fusion=fusion, enforce_eager=args.enforce_eager, **kwargs)
+def engines(args, **kwargs):
+    """One engine per tensor-parallel size and fusion mode, each shut down before the next
+    starts (a process is rank 0 of one tensor-parallel group at a time)."""
+    for tp in args.tensor_parallel_size:
+        for fusion in args.fusion:
+            gc.collect()
+            torch.cuda.empty_cache()
+            llm = LLM(args.model, fusion=fusion, enforce_eager=args.enforce_eager, tensor_parallel_size=tp, **kwargs)
+            try:
+                yield llm
+            finally:
+                llm.shutdown()
 
 
 def timed_generate(llm: LLM, prompts, params) -> float:
@@ -104,8 +116,7 @@ def throughput(args) -> list[dict]:
               for _ in range(num)]
     out_tokens = sum(p.max_tokens for p in params)
     rows = []
-    for fusion in args.fusion:
-        llm = make_engine(args, fusion, max_model_len=4096)
+    for llm in engines(args, max_model_len=4096):
         cfg, itemsize = llm.config.hf_config, llm.config.torch_dtype.itemsize
         llm.generate(["Benchmark warm-up"], SamplingParams(max_tokens=8), use_tqdm=False)
         torch.cuda.reset_peak_memory_stats()
@@ -113,16 +124,18 @@ def throughput(args) -> list[dict]:
         # Floor: each decode step reads the weights once; every token's KV is read at every later step.
         steps = max(p.max_tokens for p in params)
         kv_reads = sum(sum(len(pr) + t for t in range(p.max_tokens)) for pr, p in zip(prompts, params))
-        floor_s = (steps * weight_bytes(cfg, itemsize) + kv_reads * kv_bytes_per_token(cfg, itemsize)) / COPY_BANDWIDTH
-        rows.append(dict(workload="throughput", engine="minivllm", fusion=fusion, model_name=args.model_name,
+        tp = llm.config.tensor_parallel_size
+        floor_s = ((steps * weight_bytes(cfg, itemsize) + kv_reads * kv_bytes_per_token(cfg, itemsize))
+                   / tp / COPY_BANDWIDTH)
+        rows.append(dict(workload="throughput", engine="minivllm", fusion=llm.config.fusion, tensor_parallel_size=tp,
+                         model_name=args.model_name,
                          batch_size=num, seq_len=None, output_tokens=out_tokens, seconds=seconds,
                          latency_ms=1e3 * seconds, throughput_tokens_per_sec=out_tokens / seconds,
                          floor_s=floor_s, floor_tokens_per_sec=out_tokens / floor_s,
                          peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20,
-                         kv_cache_mb=llm.model_runner.kv_cache.numel() * itemsize / 2**20,
+                         kv_cache_mb=llm.model_runner.kv_cache.numel() * itemsize / 2**20,  # rank 0's shard
                          preemptions=llm.scheduler.num_preemptions))
         print(rows[-1], flush=True)
-        del llm
     return rows
 
 
@@ -130,8 +143,7 @@ def latency(args) -> list[dict]:
     """Workload 2: ms per decode step = (time for 1 + N tokens - time for 1 token) / N."""
     gen = args.gen_tokens
     rows = []
-    for fusion in args.fusion:
-        llm = make_engine(args, fusion, max_model_len=max(args.prompt_lens) + gen + 16)
+    for llm in engines(args, max_model_len=max(args.prompt_lens) + gen + 16):
         cfg, itemsize = llm.config.hf_config, llm.config.torch_dtype.itemsize
         llm.generate([[1] * 16], SamplingParams(max_tokens=4), use_tqdm=False)
         for batch in args.batches:
@@ -146,23 +158,23 @@ def latency(args) -> list[dict]:
                 torch.cuda.reset_peak_memory_stats()
                 full = timed_generate(llm, prompts, SamplingParams(temperature=0, max_tokens=gen + 1, ignore_eos=True))
                 step_ms = 1e3 * (full - one) / gen
-                floor = decode_floor_ms(cfg, itemsize, batch, plen + gen // 2)
-                rows.append(dict(workload="decode_latency", engine="minivllm", fusion=fusion,
+                tp = llm.config.tensor_parallel_size
+                floor = decode_floor_ms(cfg, itemsize, batch, plen + gen // 2, tp)
+                rows.append(dict(workload="decode_latency", engine="minivllm", fusion=llm.config.fusion,
+                                 tensor_parallel_size=tp,
                                  model_name=args.model_name, batch_size=batch, seq_len=plen, latency_ms=step_ms,
                                  prefill_ms=1e3 * one, floor_ms=floor, measured_over_floor=step_ms / floor,
                                  throughput_tokens_per_sec=batch * 1e3 / step_ms,
                                  peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20,
                                  cuda_graphs=not args.enforce_eager))
                 print(rows[-1], flush=True)
-        del llm
     return rows
 
 
 def ttft(args) -> list[dict]:
     """Workload 3: time to first token at batch 1."""
     rows = []
-    for fusion in args.fusion:
-        llm = make_engine(args, fusion, max_model_len=max(args.prompt_lens) + 8)
+    for llm in engines(args, max_model_len=max(args.prompt_lens) + 8):
         llm.generate([[1] * 16], SamplingParams(max_tokens=2), use_tqdm=False)
         for plen in args.prompt_lens:
             prompt = torch.randint(0, 10000, (plen,), generator=torch.Generator().manual_seed(plen)).tolist()
@@ -170,11 +182,11 @@ def ttft(args) -> list[dict]:
             for _ in range(5):
                 llm.scheduler.block_manager.hash_to_block_id.clear()
                 times.append(timed_generate(llm, [prompt], SamplingParams(temperature=0, max_tokens=1)))
-            rows.append(dict(workload="ttft", engine="minivllm", fusion=fusion, model_name=args.model_name,
+            rows.append(dict(workload="ttft", engine="minivllm", fusion=llm.config.fusion,
+                             tensor_parallel_size=llm.config.tensor_parallel_size, model_name=args.model_name,
                              batch_size=1, seq_len=plen, latency_ms=1e3 * sorted(times)[2],
                              throughput_tokens_per_sec=plen / sorted(times)[2]))
             print(rows[-1], flush=True)
-        del llm
     return rows
 
 
@@ -196,7 +208,8 @@ def hf_peer(args) -> list[dict]:
                 torch.cuda.synchronize()
                 timings[gen] = time.perf_counter() - start
         step_ms = 1e3 * (timings[args.gen_tokens + 1] - timings[1]) / args.gen_tokens
-        rows.append(dict(workload="decode_latency", engine="hf_transformers", fusion="off", model_name=args.model_name,
+        rows.append(dict(workload="decode_latency", engine="hf_transformers", fusion="off", tensor_parallel_size=1,
+                         model_name=args.model_name,
                          batch_size=batch, seq_len=plen, latency_ms=step_ms,
                          throughput_tokens_per_sec=batch * 1e3 / step_ms))
         print(rows[-1], flush=True)
@@ -213,6 +226,8 @@ def main(argv=None):
     parser.add_argument("--model", required=True)
     parser.add_argument("--model-name", default=None, help="label for the rows (default: the directory name)")
     parser.add_argument("--fusion", default="off", help="comma-separated fusion modes, run side by side")
+    parser.add_argument("--tensor-parallel-size", default="1",
+                        help="comma-separated tensor-parallel sizes (GPUs per engine), run side by side")
     parser.add_argument("--num-seqs", type=int, default=256)
     parser.add_argument("--batches", default="1,8,32,128,256")
     parser.add_argument("--prompt-lens", default="32,512,4096")
@@ -224,6 +239,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         parser.error("the benchmarks time a GPU; none is available")
     args.fusion = args.fusion.split(",")
+    args.tensor_parallel_size = [int(t) for t in args.tensor_parallel_size.split(",")]
     args.batches = [int(b) for b in args.batches.split(",")]
     args.prompt_lens = [int(p) for p in args.prompt_lens.split(",")]
     args.model_name = args.model_name or os.path.basename(os.path.normpath(args.model))

@@ -108,11 +108,22 @@ class Config:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.check_tensor_parallel()
         self.max_model_len = min(self.max_model_len, self.hf_config.max_position_embeddings)
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"without chunked prefill, max_num_batched_tokens ({self.max_num_batched_tokens}) "
                              f"must be >= max_model_len ({self.max_model_len})")
         self.torch_dtype = self._resolve_dtype()
+
+    def check_tensor_parallel(self):
+        """Checked here, before any rank starts: a layer failing on one rank would leave the others
+        waiting for it."""
+        tp, cfg = self.tensor_parallel_size, self.hf_config
+        if cfg.num_attention_heads % tp or cfg.num_key_value_heads % tp:
+            raise ValueError(f"tensor_parallel_size={tp} must divide the number of attention heads "
+                             f"({cfg.num_attention_heads}) and of KV heads ({cfg.num_key_value_heads})")
+        if cfg.intermediate_size % tp:
+            raise ValueError(f"tensor_parallel_size={tp} must divide intermediate_size={cfg.intermediate_size}")
 
     def _resolve_dtype(self) -> torch.dtype:
         if self.dtype == "auto":

@@ -1,7 +1,18 @@
 """Runs the model for one scheduled step: builds the step's inputs and attention metadata,
-runs the forward (replaying a CUDA graph for decode on GPU), and samples."""
+runs the forward (replaying a CUDA graph for decode on GPU), and samples.
+
+With tensor parallelism every rank has a ModelRunner over its shard of the model and KV
+cache. Rank 0 sends each call (method name and args) to the others before running it
+itself (``call``); they run the calls in ``loop`` until ``exit``.
+"""
+import os
+import signal
+import threading
+import time
+
 import torch
 
+from minivllm import distributed
 from minivllm.config import Config
 from minivllm.context import reset_context, set_context
 from minivllm.engine.sequence import Sequence
@@ -19,6 +30,7 @@ class ModelRunner:
     def __init__(self, config: Config):
         self.config = config
         cfg = config.hf_config
+        self.rank = distributed.tp_rank()
         self.device = torch.device(config.device)
         self.block_size = config.kvcache_block_size
         torch.manual_seed(config.seed)
@@ -36,7 +48,9 @@ class ModelRunner:
         self.kv_cache = None
         self.graphs = {}
         if config.num_kvcache_blocks is None:
-            config.num_kvcache_blocks = self.kv_budget() // self.kv_bytes_per_block()
+            # Every rank holds the same block ids: the smallest budget decides.
+            config.num_kvcache_blocks = distributed.min_over_ranks(self.kv_budget() // self.kv_bytes_per_block(),
+                                                                   self.device)
         config.check_kvcache_fits()
         self.allocate_kv_cache(config.num_kvcache_blocks)
         if self.device.type == "cuda" and not config.enforce_eager:
@@ -59,8 +73,9 @@ class ModelRunner:
             layer.self_attn.attn.v_cache = self.kv_cache[1, i]
 
     def kv_budget(self) -> int:
-        """Bytes for the KV cache: a set budget on CPU; on GPU what gpu_memory_utilization leaves
-        after the weights and the peak of a warm-up step of the largest size."""
+        """Bytes for this rank's KV cache: cpu_kvcache_space_gb on CPU; on GPU what
+        gpu_memory_utilization leaves after the weights and the peak of a warm-up step of the
+        largest size."""
         config = self.config
         if self.device.type == "cpu":
             return int(config.cpu_kvcache_space_gb * 2**30)
@@ -69,12 +84,13 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats()
         seqs = self.warmup_sequences()
         self.allocate_kv_cache(sum(len(s.block_table) for s in seqs))
-        self.run(seqs, [len(s) for s in seqs], True)
-        # The sampler's [batch, vocab] temporaries peak in the largest decode step.
-        vocab, rows = self.config.hf_config.vocab_size, config.max_num_seqs
-        self.sampler(torch.randn(rows, vocab, device=self.device), torch.ones(rows, device=self.device),
-                     torch.full((rows,), 50, device=self.device), torch.full((rows,), 0.9, device=self.device),
-                     torch.arange(rows, device=self.device), torch.zeros(rows, dtype=torch.long, device=self.device))
+        self.compute_logits(*self.prepare(seqs, [len(s) for s in seqs], True))
+        if self.rank == 0:  # the sampler's [batch, vocab] temporaries peak in the largest decode step
+            vocab, rows = self.config.hf_config.vocab_size, config.max_num_seqs
+            self.sampler(torch.randn(rows, vocab, device=self.device), torch.ones(rows, device=self.device),
+                         torch.full((rows,), 50, device=self.device), torch.full((rows,), 0.9, device=self.device),
+                         torch.arange(rows, device=self.device),
+                         torch.zeros(rows, dtype=torch.long, device=self.device))
         torch.cuda.synchronize()
         peak_without_cache = torch.cuda.max_memory_allocated() - self.kv_cache.numel() * self.kv_cache.element_size()
         self.kv_cache = None
@@ -102,8 +118,35 @@ class ModelRunner:
             tokens -= n
         return seqs
 
+    # ---- rank 0's calls ----------------------------------------------------------------
+    def call(self, name: str, *args):
+        """Runs ``self.<name>(*args)`` on every rank; only rank 0 calls this."""
+        if distributed.tp_size() > 1:
+            distributed.broadcast_call((name, args))
+        return getattr(self, name)(*args)
+
+    def loop(self):
+        """The life of a rank other than 0: run rank 0's calls until ``exit``."""
+        while True:
+            name, args = distributed.broadcast_call()
+            getattr(self, name)(*args)
+            if name == "exit":
+                return
+
+    def exit(self):
+        """Every rank's last call: free the CUDA graphs and the KV cache before the group goes."""
+        self.graphs = {}
+        self.graph_outputs = {}
+        self.kv_cache = None
+        for layer in self.model.model.layers:  # their views would keep the cache alive
+            layer.self_attn.attn.k_cache = layer.self_attn.attn.v_cache = None
+        if self.device.type == "cuda":  # no kernel may still use the communicators when the group goes
+            torch.cuda.synchronize()
+
     # ---- one step -------------------------------------------------------------------
     def prepare(self, seqs: list[Sequence], num_new: list[int], is_prefill: bool):
+        """The step's token ids, positions and attention metadata as plain lists: all that any
+        rank needs to run it, and cheap to send."""
         input_ids, positions, slot_mapping, cu_seqlens_q, seqlens_k = [], [], [], [0], []
         bs = self.block_size
         for seq, n in zip(seqs, num_new):
@@ -116,15 +159,9 @@ class ModelRunner:
             seqlens_k.append(end)
         width = max(len(seq.block_table) for seq in seqs)
         block_tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs]
-        pin = self.device.type == "cuda"
-
-        def tensor(values, dtype=torch.int32):
-            return torch.tensor(values, dtype=dtype, pin_memory=pin).to(self.device, non_blocking=True)
-
-        ctx = dict(is_prefill=is_prefill, cu_seqlens_q=tensor(cu_seqlens_q), seqlens_k=tensor(seqlens_k),
-                   max_seqlen_q=max(num_new), max_seqlen_k=max(seqlens_k), slot_mapping=tensor(slot_mapping),
-                   block_tables=tensor(block_tables))
-        return tensor(input_ids, torch.int64), tensor(positions, torch.int64), ctx
+        ctx = dict(is_prefill=is_prefill, cu_seqlens_q=cu_seqlens_q, seqlens_k=seqlens_k, max_seqlen_q=max(num_new),
+                   max_seqlen_k=max(seqlens_k), slot_mapping=slot_mapping, block_tables=block_tables)
+        return input_ids, positions, ctx
 
     def sampling_inputs(self, seqs: list[Sequence]):
         def tensor(values, dtype):
@@ -139,8 +176,8 @@ class ModelRunner:
                 tensor([seq.num_completion_tokens for seq in seqs], torch.int64))
 
     def forward(self, input_ids, positions, ctx: dict):
-        """Logits of each sequence's last new token. A decode step replays a CUDA graph that
-        holds the whole model and the lm_head, so only the sampler runs outside it."""
+        """Logits of each sequence's last new token (rank 0; None elsewhere). A decode step replays
+        a CUDA graph that holds the whole model and the lm_head, so only the sampler runs outside it."""
         batch = len(ctx["seqlens_k"])
         graph_bs = next((bs for bs in self.graphs if bs >= batch), None)
         if ctx["is_prefill"] or graph_bs is None:
@@ -161,14 +198,27 @@ class ModelRunner:
         width = ctx["block_tables"].shape[1]
         g["block_tables"][:batch, :width] = ctx["block_tables"]
         self.graphs[graph_bs].replay()
-        return self.graph_outputs[graph_bs][:batch]
+        logits = self.graph_outputs[graph_bs]  # None on ranks other than 0
+        return None if logits is None else logits[:batch]
+
+    @torch.inference_mode()
+    def compute_logits(self, input_ids: list[int], positions: list[int], ctx: dict):
+        """Runs a prepared step on this rank: the logits of each sequence's last token on rank 0,
+        None on the others."""
+        pin = self.device.type == "cuda"
+
+        def tensor(values, dtype=torch.int32):
+            return torch.tensor(values, dtype=dtype, pin_memory=pin).to(self.device, non_blocking=True)
+
+        ctx = {k: tensor(v) if isinstance(v, list) else v for k, v in ctx.items()}
+        logits = self.forward(tensor(input_ids, torch.int64), tensor(positions, torch.int64), ctx)
+        return None if logits is None else logits.float()
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], num_new: list[int], is_prefill: bool) -> list[int | None]:
         """Computes ``num_new`` tokens of each sequence; returns each one's next token, or None
-        for a sequence whose prompt is not yet fully computed."""
-        input_ids, positions, ctx = self.prepare(seqs, num_new, is_prefill)
-        logits = self.forward(input_ids, positions, ctx)
+        for a sequence whose prompt is not yet fully computed. Sampling happens here, on rank 0."""
+        logits = self.call("compute_logits", *self.prepare(seqs, num_new, is_prefill))
         done = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in zip(seqs, num_new)]
         if not any(done):
             return [None] * len(seqs)
@@ -203,3 +253,25 @@ class ModelRunner:
             torch.cuda.synchronize()
         reset_context()
         self.graphs = dict(sorted(self.graphs.items()))
+
+
+def run_worker(config: Config, rank: int, init_method: str, parent_pid: int, num_threads: int, started):
+    """A spawned rank: joins the group, builds its shard of the model and runs rank 0's calls."""
+    started.send(True)
+    started.close()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: rank 0 handles it
+    threading.Thread(target=exit_with_parent, args=(parent_pid,), daemon=True).start()
+    torch.set_num_threads(num_threads)
+    distributed.init(rank, config.tensor_parallel_size, config.device, init_method)
+    try:
+        ModelRunner(config).loop()
+    finally:
+        distributed.destroy()
+
+
+def exit_with_parent(parent_pid: int):
+    """Ends this process once its parent is gone, even while it waits in a collective that a
+    dead peer will never join (SIGKILL gives the parent no chance to stop its workers)."""
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(1)

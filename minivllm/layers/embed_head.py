@@ -39,8 +39,11 @@ class ParallelLMHead(VocabParallelEmbedding):
         return F.linear(hidden, self.weight)
 
     def logits(self, logits):
+        """The whole vocabulary's logits on rank 0, where sampling happens; None on the others."""
         if tp_size() > 1:
-            parts = [torch.empty_like(logits) for _ in range(tp_size())]
-            dist.all_gather(parts, logits)
+            parts = [torch.empty_like(logits) for _ in range(tp_size())] if tp_rank() == 0 else None
+            dist.gather(logits, parts, dst=0)
+            if parts is None:
+                return None
             logits = torch.cat(parts, -1)
         return logits[:, :self.vocab_size]
