@@ -40,7 +40,9 @@ else:
         (128, 8, 3),
         (256, 16, 3),
         (128, 16, 4),
-        (32, 4, 4),  # M = 8
+        (32, 4, 4),
+        (64, 16, 4),  # M = 4
+        (32, 16, 4),  # M = 8
     ])
     # BLOCK_N is the head (128 for Qwen3): a W tile is BLOCK_K x 128, 16-64 KB per stage.
     _DECODE_CONFIGS = _configs(("BLOCK_K",), [
