@@ -25,13 +25,15 @@ a program owns matching gate and up rows, so the product is formed in registers.
 The K loop (``_norm_matmul``) and program order (``_tile_ids``) are shared with
 ``rmsnorm_qkv``, whose epilogue adds QK-norm, RoPE and the KV-cache store.
 
-One kernel, two launch shapes chosen by M:
-  * M <= 64 (decode): one row block of BLOCK_M >= M rows, so every program streams a
-    BLOCK_N slice of W exactly once for all rows; small BLOCK_N gives enough programs to
-    fill the GPU, a large BLOCK_K gives wide loads and few loop steps.
-  * M > 64 (prefill): classic tiled GEMM with grouped program order for L2 reuse of W.
-Each has its own autotuner keyed on (M bucket, N, K, residual, dtype): a new prefill length
-does not retune, but the first call per key does, so warm up before CUDA-graph capture.
+Paths by M (``path_for``; NOTES.md "GPU measurements" has the H100 numbers behind them):
+  * M <= GEMV_MAX_M (8): "gemv", the kernel with GEMV=True: no tl.dot, each program streams
+    [BLOCK_N, BLOCK_K] K-contiguous W tiles once for all rows, fp32 multiply + tl.sum.
+  * M >= CUBLAS_MIN_M (9): "cublas", the unfused route (row kernel, then cuBLAS), because
+    cuBLAS beat both tl.dot launch shapes on the H100.
+  * "dot" (one row block, M <= 64) and "tiled" (grouped GEMM tiles): the tl.dot kernels, used
+    when the constants are moved (bench) or forced with ``path=``.
+Each Triton path has its own autotuner keyed on (M bucket, N, K, residual, silu_mul), so warm
+up before CUDA-graph capture.
 """
 import torch
 
