@@ -70,7 +70,7 @@ def instrument(llm: LLM):
     patches = [(attention_mod, "store_kvcache", "mv::kv_store::store_kvcache"),
                (attention_mod, "paged_attention", "mv::attention::paged_attention"),
                (qwen3_mod, "norm_linear", lambda norm, lin, *a: (f"mv::fused_norm_linear::{names[id(norm)]}+"
-                                                                  f"{names[id(lin)]}" if model.model.fused else "mv::x"))]
+                                                                  f"{names[id(lin)]}" if model.model.fusion != "off" else "mv::x"))]
     sampler = llm.model_runner.sampler
     patches.append((sampler, "forward", "mv::other::sampler"))
     for obj, attr, label in patches:
