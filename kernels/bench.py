@@ -4,11 +4,15 @@
 
 Writes ``<out>/kernels-<gpu slug>.json`` and prints a table. Implementations (bf16):
 
-  fused               rmsnorm_linear: residual add + norm + GEMM in one Triton kernel
+  fused               rmsnorm_linear as the engine dispatches it by M (GEMV_MAX_M, CUBLAS_MIN_M)
+  fused_gemv          ... forced onto one path, for every M it can serve: gemv (M <= 8, no tl.dot),
+  fused_dot           dot (tl.dot decode kernel, M <= 64), tiled (grouped GEMM tiles) and
+  fused_tiled         cublas_route (row kernel + cuBLAS: the unfused route the dispatch takes
+  cublas_route        at large M)
   cublas_linear_only  F.linear(x, W) alone: the GEMM with no norm work at all
   eager_unfused       HF-style add + RMSNorm in eager torch, then F.linear (cuBLAS)
   compiled_unfused    the same under torch.compile: one fused norm kernel + cuBLAS
-  full                fusion="full"'s kernel: for qkv, rmsnorm_qkv_rope_store (+ QK-norm, RoPE,
+  full, full_<path>   fusion="full"'s kernel: for qkv, rmsnorm_qkv_rope_store (+ QK-norm, RoPE,
                       KV-cache store); for gate_up, rmsnorm_linear with silu_mul=True
   norm_linear_chain   what fusion="norm_linear" runs for the same work: fused, then the
                       engine's QK-norm (Triton), RoPE (torch) and store_kvcache, or SiLU * up
@@ -20,6 +24,7 @@ each call reads W from HBM, as in a real forward pass.
 """
 import argparse
 import datetime
+import importlib
 import itertools
 import json
 import math
@@ -38,6 +43,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 from kernels.paged_attention import store_kvcache
 from kernels.rmsnorm import rmsnorm, rmsnorm_ref
 from kernels.rmsnorm_qkv import rmsnorm_qkv_rope_store, rope_ref
+rl = importlib.import_module("kernels.rmsnorm_linear")  # the module (kernels exports a function of that name)
 from kernels.rmsnorm_linear import fold_rmsnorm_weight, kernel_for, launch, rmsnorm_linear, rmsnorm_linear_kernel
 from kernels.shapes import L2_BYTES, MODELS, MS, QUICK_MS, floor_us, ms_for, ops
 
@@ -66,9 +72,27 @@ def unfused(x, residual, gamma, w):
 compiled_unfused = torch.compile(unfused, dynamic=True)
 
 
-def impls(op):
+def paths(M):
+    """The paths that can serve M rows (the tl.dot decode kernel only up to SMALL_M)."""
+    out = []
+    for path in rl.PATHS:
+        try:
+            rl.path_for(M, path)
+            out.append(path)
+        except ValueError:
+            pass
+    return out
+
+
+PATH_IMPL = {"gemv": "fused_gemv", "dot": "fused_dot", "tiled": "fused_tiled", "cublas": "cublas_route"}
+
+
+def impls(op, M):
+    forced = {PATH_IMPL[p]: (lambda s, p=p: rmsnorm_linear(s.x, s.w_folded, EPS, s.residual, op.rms_cols_start,
+                                                            path=p)) for p in paths(M)}
     return {
         "fused": lambda s: rmsnorm_linear(s.x, s.w_folded, EPS, s.residual, op.rms_cols_start),
+        **forced,
         "cublas_linear_only": lambda s: torch.nn.functional.linear(s.x, s.w),
         "eager_unfused": lambda s: unfused(s.x, s.residual, s.gamma, s.w),
         "compiled_unfused": lambda s: compiled_unfused(s.x, s.residual, s.gamma, s.w),
@@ -83,6 +107,8 @@ def full_impls(op, M):
             gate, up = rmsnorm_linear(s.x, s.w_folded, EPS, s.residual)[0].chunk(2, -1)
             return torch.nn.functional.silu(gate) * up
         return {"full": lambda s: rmsnorm_linear(s.x, s.w_folded, EPS, s.residual, silu_mul=True),
+                **{f"full_{p}": (lambda s, p=p: rmsnorm_linear(s.x, s.w_folded, EPS, s.residual, silu_mul=True,
+                                                               path=p)) for p in paths(M)},
                 "norm_linear_chain": chain}
     if op.op != "qkv":
         return {}
@@ -106,9 +132,11 @@ def full_impls(op, M):
         store_kvcache(k, v, cache[0], cache[1], slots)
         return q
 
-    return {"full": lambda s: rmsnorm_qkv_rope_store(s.x, s.w_folded, EPS, s.residual, norm_q, norm_k, EPS, cos_sin,
-                                                     positions, cache[0], cache[1], slots),
-            "norm_linear_chain": chain}
+    def full(s, path=None):
+        return rmsnorm_qkv_rope_store(s.x, s.w_folded, EPS, s.residual, norm_q, norm_k, EPS, cos_sin, positions,
+                                      cache[0], cache[1], slots, path=path)
+
+    return {"full": full, **{f"full_{p}": (lambda s, p=p: full(s, p)) for p in paths(M)}, "norm_linear_chain": chain}
 
 
 def make_inputs(M, op):
@@ -169,15 +197,18 @@ def row(op, M, impl, us, err=None, config=None):
 def bench_op(op, M, rep):
     sets = make_inputs(M, op)
     rows = []
-    for impl, call in {**impls(op), **full_impls(op, M)}.items():
+    for impl, call in {**impls(op, M), **full_impls(op, M)}.items():
         out = call(sets[0])  # warm-up: autotuning, torch.compile
         err = None
-        if impl in ("fused", "eager_unfused"):
-            err = rel_err(out[0], exact_fp64(sets[0], op.rms_cols_start if impl == "fused" else 0))
+        fused_path = {"fused": rl.path_for(M), **{v: k for k, v in PATH_IMPL.items()}}.get(impl)
+        if fused_path or impl == "eager_unfused":
+            err = rel_err(out[0], exact_fp64(sets[0], op.rms_cols_start if fused_path else 0))
         config = None
-        if impl == "fused":
-            kernel, fixed_meta = kernel_for(M)
-            config = config_dict(kernel.best_config, fixed_meta)
+        if fused_path is not None:
+            config = {"path": fused_path}
+            if fused_path != "cublas":
+                kernel, fixed_meta = kernel_for(M, fused_path)
+                config.update(config_dict(kernel.best_config, fixed_meta))
         rows.append(row(op, M, impl, time_us(call, sets, rep), err, config))
     return rows
 
@@ -230,13 +261,18 @@ def print_table(rows):
     keys = list(dict.fromkeys((r["model"], r["op"], r["M"], r["N"], r["K"], r["floor_us"])
                               for r in rows if r["impl"] == "fused"))
     print(f"\n{'model':<11}{'op':<8}{'M':>6}{'N':>8}{'K':>6}{'floor':>9}{'fused':>9}{'cublas':>9}"
-          f"{'eager':>9}{'compiled':>9}{'fused/cublas':>13}{'fused/compiled':>15}{'full':>9}{'nl_chain':>9}   (us)")
+          f"{'eager':>9}{'compiled':>9}{'fused/cublas':>13}{'fused/compiled':>15}{'full':>9}{'nl_chain':>9}"
+          + "".join(f"{p:>9}" for p in rl.PATHS) + "".join(f"{'full_' + p[:4]:>10}" for p in rl.PATHS) + "   (us)")
     for model, op, M, N, K, floor in keys:
         t = [us[(model, op, M, impl)] for impl in ("fused", "cublas_linear_only", "eager_unfused", "compiled_unfused")]
         full = [us.get((model, op, M, impl)) for impl in ("full", "norm_linear_chain")]
         print(f"{model:<11}{op:<8}{M:>6}{N:>8}{K:>6}{floor:>9.2f}" + "".join(f"{v:>9.2f}" for v in t)
               + f"{t[0] / t[1]:>13.2f}{t[0] / t[3]:>15.2f}"
-              + "".join(f"{v:>9.2f}" if v is not None else f"{'-':>9}" for v in full))
+              + "".join(f"{v:>9.2f}" if v is not None else f"{'-':>9}" for v in full)
+              + "".join(f"{v:>9.2f}" if v is not None else f"{'-':>9}"
+                        for v in (us.get((model, op, M, PATH_IMPL[p])) for p in rl.PATHS))
+              + "".join(f"{v:>10.2f}" if v is not None else f"{'-':>10}"
+                        for v in (us.get((model, op, M, f"full_{p}")) for p in rl.PATHS)))
 
 
 def main(argv=None):
@@ -244,7 +280,14 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help=f"M in {QUICK_MS} only, shorter timing")
     parser.add_argument("--sweep", action="store_true", help="add the BLOCK_N x BLOCK_K sweep at M=1")
     parser.add_argument("--out", default="data/results", help="output folder")
+    parser.add_argument("--gemv-max-m", type=int, default=rl.GEMV_MAX_M, help="dispatch: GEMV up to this M")
+    parser.add_argument("--cublas-min-m", type=int, default=rl.CUBLAS_MIN_M, help="dispatch: cuBLAS route from this M")
+    parser.add_argument("--no-forced-paths", action="store_true", help="time only the dispatched path per shape")
     args = parser.parse_args(argv)
+    rl.GEMV_MAX_M, rl.CUBLAS_MIN_M = args.gemv_max_m, args.cublas_min_m
+    if args.no_forced_paths:
+        global paths
+        paths = lambda M: []  # noqa: E731
     if not torch.cuda.is_available():
         sys.exit("kernels.bench needs a CUDA GPU")
     torch.manual_seed(0)
@@ -269,6 +312,7 @@ def main(argv=None):
         "git_commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python -m kernels.bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "dispatch": {"GEMV_MAX_M": rl.GEMV_MAX_M, "CUBLAS_MIN_M": rl.CUBLAS_MIN_M, "SMALL_M": rl.SMALL_M},
         "rows": rows,
     }
     out = Path(args.out) / f"kernels-{re.sub(r'[^a-z0-9]+', '-', hw['gpu'].lower()).strip('-')}.json"

@@ -69,13 +69,18 @@ def check_tensors(op: str, **tensors: torch.Tensor) -> None:
 
 @triton.jit
 def _rmsnorm_kernel(
-    X, R, G, Y,
-    stride_x, stride_r, stride_y,
+    X, R, H, G, Y, RSTD,
+    stride_x, stride_r, stride_h, stride_y,
     N, eps,
     HAS_RESIDUAL: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    STORE_RSTD: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    # One program per row: a whole hidden vector fits in registers.
+    # One program per row: a whole hidden vector fits in registers. H is where h = x + residual
+    # goes (add_rmsnorm: the residual itself; rmsnorm_linear's cuBLAS route: a new tensor).
+    # Without gamma (already folded into the next weight) y is the normalised row rounded
+    # once; RSTD (fp32, per row) is stored for epilogues that need r.
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
@@ -84,14 +89,35 @@ def _rmsnorm_kernel(
         r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
         # Round the sum to the model dtype before normalising it, as HF does.
         h = (h.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
-        tl.store(R + row * stride_r + cols, h, mask=mask)
+        tl.store(H + row * stride_h + cols, h, mask=mask)
     hf = h.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(hf * hf, axis=0) / N + eps)
+    if STORE_RSTD:
+        tl.store(RSTD + row, rstd)
     normed = (hf * rstd).to(X.dtype.element_ty)
-    g = tl.load(G + cols, mask=mask, other=0.0)
-    # HF multiplies gamma and the normalised value in the model dtype: one rounding.
-    y = g.to(tl.float32) * normed.to(tl.float32)
+    if HAS_GAMMA:
+        g = tl.load(G + cols, mask=mask, other=0.0)
+        # HF multiplies gamma and the normalised value in the model dtype: one rounding.
+        y = g.to(tl.float32) * normed.to(tl.float32)
+    else:
+        y = normed
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+def launch_rows(x2, r2, h2, gamma, y2, rstd, eps):
+    """``_rmsnorm_kernel`` on 2-D ``x2`` [M, N]: one program per row."""
+    n = x2.shape[1]
+    block_n = triton.next_power_of_2(n)
+    _rmsnorm_kernel[(x2.shape[0],)](
+        x2, r2, h2, gamma, y2, rstd,
+        x2.stride(0), r2.stride(0) if r2 is not None else 0, h2.stride(0) if h2 is not None else 0, y2.stride(0),
+        n, eps,
+        HAS_RESIDUAL=r2 is not None,
+        HAS_GAMMA=gamma is not None,
+        STORE_RSTD=rstd is not None,
+        BLOCK_N=block_n,
+        num_warps=min(max(block_n // 512, 1), 16),
+    )
 
 
 MAX_N = 65536  # one row per program, held in registers
@@ -121,15 +147,7 @@ def _launch_rmsnorm(x, residual, gamma, eps, op):
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     y2 = y.view(-1, n)
     if x2.shape[0] > 0:
-        block_n = triton.next_power_of_2(n)
-        _rmsnorm_kernel[(x2.shape[0],)](
-            x2, r2, gamma, y2,
-            x2.stride(0), r2.stride(0) if r2 is not None else 0, y2.stride(0),
-            n, eps,
-            HAS_RESIDUAL=residual is not None,
-            BLOCK_N=block_n,
-            num_warps=min(max(block_n // 512, 1), 16),
-        )
+        launch_rows(x2, r2, r2, gamma, y2, None, eps)
     return y if residual is None else (y, residual)
 
 

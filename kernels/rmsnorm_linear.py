@@ -25,19 +25,29 @@ a program owns matching gate and up rows, so the product is formed in registers.
 The K loop (``_norm_matmul``) and program order (``_tile_ids``) are shared with
 ``rmsnorm_qkv``, whose epilogue adds QK-norm, RoPE and the KV-cache store.
 
-One kernel, two launch shapes chosen by M:
-  * M <= 64 (decode): one row block of BLOCK_M >= M rows, so every program streams a
-    BLOCK_N slice of W exactly once for all rows; small BLOCK_N gives enough programs to
-    fill the GPU, a large BLOCK_K gives wide loads and few loop steps.
-  * M > 64 (prefill): classic tiled GEMM with grouped program order for L2 reuse of W.
-Each has its own autotuner keyed on (M bucket, N, K, residual, dtype): a new prefill length
-does not retune, but the first call per key does, so warm up before CUDA-graph capture.
+Paths by M (``path_for``; NOTES.md "GPU measurements" has the H100 numbers behind them):
+  * M <= GEMV_MAX_M (8): "gemv", the kernel with GEMV=True: no tl.dot, each program streams
+    [BLOCK_N, BLOCK_K] K-contiguous W tiles once for all rows, fp32 multiply + tl.sum.
+  * M >= CUBLAS_MIN_M (9): "cublas", the unfused route (row kernel, then cuBLAS), because
+    cuBLAS beat both tl.dot launch shapes on the H100.
+  * "dot" (one row block, M <= 64) and "tiled" (grouped GEMM tiles): the tl.dot kernels, used
+    when the constants are moved (bench) or forced with ``path=``.
+Each Triton path has its own autotuner keyed on (M bucket, N, K, residual, silu_mul), so warm
+up before CUDA-graph capture.
 """
 import torch
 
-from kernels.rmsnorm import INTERPRET, check_tensors, tl, triton, use_triton
+from kernels.rmsnorm import INTERPRET, check_tensors, launch_rows, tl, triton, use_triton
 
-SMALL_M = 64  # largest M run with the decode configs (one row block)
+SMALL_M = 64  # largest M the tl.dot decode configs serve (one row block)
+# Dispatch by M (module globals, read at every call: the bench overrides them):
+#   M <= GEMV_MAX_M      -> "gemv": no tl.dot, W streamed once with wide K-contiguous loads
+#   M >= CUBLAS_MIN_M    -> "cublas": row kernel (h, normalised rows) + cuBLAS; the UNFUSED route,
+#                           taken because cuBLAS beat every tl.dot variant on the H100 (NOTES.md)
+#   otherwise            -> "dot" (M <= SMALL_M, one row block) or "tiled" (grouped GEMM tiles)
+GEMV_MAX_M = 8
+CUBLAS_MIN_M = 9
+PATHS = ("gemv", "dot", "tiled", "cublas")
 
 
 def _configs(names, rows):
@@ -50,6 +60,7 @@ if INTERPRET:
     # The interpreter runs programs one after another on the CPU: small tiles, so tests
     # on tiny shapes still cover several blocks, masked tails and a partial group.
     _DECODE_CONFIGS = _configs(("BLOCK_N", "BLOCK_K"), [(32, 32, 1, 1)])
+    _GEMV_CONFIGS = _configs(("BLOCK_N", "BLOCK_K"), [(16, 32, 1, 1)])
     _PREFILL_CONFIGS = _configs(_TILE, [(32, 32, 32, 2, 1, 1)])
 else:
     # Decode: the wrapper sets BLOCK_M from M (16/32/64, one row block). W tiles of
@@ -67,6 +78,27 @@ else:
         (64, 128, 8, 4),
         (128, 128, 8, 3),
         (32, 64, 4, 3),  # fits shared memory even for fp32 + residual at BLOCK_M = 64
+    ])
+    # GEMV (M <= GEMV_MAX_M): a program owns BLOCK_N rows of W and reads [BLOCK_N, BLOCK_K]
+    # tiles, 16-byte loads along K. BLOCK_N 8-64 gives 64-19000 programs (N = 4096 at
+    # BLOCK_N 32: 128 programs, at 16: 256); 8-32 KB per tile per program in flight, several
+    # programs per SM. _fits_registers drops the tiles whose product exceeds 64 fp32 values
+    # per thread (BLOCK_M * BLOCK_N * BLOCK_K, times 2 for silu_mul).
+    _GEMV_CONFIGS = _configs(("BLOCK_N", "BLOCK_K"), [
+        (8, 512, 4, 3),
+        (8, 1024, 4, 2),
+        (16, 256, 4, 3),
+        (16, 512, 4, 3),
+        (16, 512, 8, 3),
+        (16, 1024, 8, 2),
+        (32, 256, 4, 3),
+        (32, 256, 8, 4),
+        (32, 512, 8, 3),
+        (64, 256, 8, 3),
+        (64, 128, 4, 4),
+        (8, 128, 2, 4),
+        (16, 128, 4, 4),  # small products for M = 8
+        (8, 64, 4, 4),
     ])
     # Prefill: the usual H100 bf16 GEMM tiles, minus those that spill with a residual
     # (256 x 128, and 128 x 128 on 4 warps).
@@ -99,15 +131,17 @@ def _tile_ids(M, num_pid_n, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr):
 def _norm_matmul(
     X, R, H, W, offs_m, w_rows, w_rows_2, mask_n, M, K, h_rows,
     stride_xm, stride_rm, stride_hm,
-    HAS_RESIDUAL: tl.constexpr, PAIRED: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, PAIRED: tl.constexpr, PRECISION: tl.constexpr, GEMV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One pass over K: ``h = x (+ residual)``, ``acc = h @ W[w_rows].T`` (and, when PAIRED,
     ``acc_2`` from the W rows at ``w_rows_2``, sharing every h tile) and ``sum(h ** 2)`` per row.
 
-    ``w_rows``: [1, BLOCK_N] element offsets of the W rows. With a residual, h is also stored
+    ``w_rows``: [BLOCK_N] element offsets of the W rows. With a residual, h is also stored
     to H for rows below ``h_rows``: M for one column block, 0 for the others (all of them
     compute h for their dot, one writes it).
+    GEMV (BLOCK_M = next power of two >= M, at most GEMV_MAX_M): no tensor cores; W tiles are
+    [BLOCK_N, BLOCK_K] (K fastest), multiplied by the h rows in fp32 and summed over K.
     """
     mask_m = offs_m < M
     mask_h = offs_m < h_rows
@@ -128,14 +162,33 @@ def _norm_matmul(
             tl.store(H + rows * stride_hm + cols[None, :], a, mask=mask_h[:, None] & mask_k[None, :])
         a32 = a.to(tl.float32)
         sumsq += tl.sum(a32 * a32, axis=1)
-        # W is [N, K] row-major: read K-contiguous [BLOCK_K, BLOCK_N] tiles.
-        mask_kn = mask_k[:, None] & mask_n[None, :]
-        b = tl.load(W + w_rows + cols[:, None], mask=mask_kn, other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        if PAIRED:
-            b_2 = tl.load(W + w_rows_2 + cols[:, None], mask=mask_kn, other=0.0)
-            acc_2 = tl.dot(a, b_2, acc_2, input_precision=PRECISION)
+        if GEMV:
+            mask_nk = mask_n[:, None] & mask_k[None, :]
+            b = tl.load(W + w_rows[:, None] + cols[None, :], mask=mask_nk, other=0.0).to(tl.float32)
+            acc += _rows_times_tile(a32, b, BLOCK_M)
+            if PAIRED:
+                b_2 = tl.load(W + w_rows_2[:, None] + cols[None, :], mask=mask_nk, other=0.0).to(tl.float32)
+                acc_2 += _rows_times_tile(a32, b_2, BLOCK_M)
+        else:
+            # W is [N, K] row-major: read K-contiguous [BLOCK_K, BLOCK_N] tiles.
+            mask_kn = mask_k[:, None] & mask_n[None, :]
+            b = tl.load(W + w_rows[None, :] + cols[:, None], mask=mask_kn, other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            if PAIRED:
+                b_2 = tl.load(W + w_rows_2[None, :] + cols[:, None], mask=mask_kn, other=0.0)
+                acc_2 = tl.dot(a, b_2, acc_2, input_precision=PRECISION)
     return acc, acc_2, sumsq
+
+
+@triton.jit
+def _rows_times_tile(a, b, BLOCK_M: tl.constexpr):
+    """[BLOCK_M, BLOCK_K] rows times a [BLOCK_N, BLOCK_K] W tile, summed over K: [BLOCK_M, BLOCK_N]
+    (fp32). One row needs no 3-D broadcast."""
+    if BLOCK_M == 1:
+        out = tl.sum(a * b, axis=1)[None, :]
+    else:
+        out = tl.sum(a[:, None, :] * b[None, :, :], axis=2)
+    return out
 
 
 @triton.jit
@@ -147,7 +200,7 @@ def rmsnorm_linear_kernel(
     rms_cols_start, eps,
     HAS_RESIDUAL: tl.constexpr,
     SILU_MUL: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, GEMV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # With SILU_MUL, W is [gate; up] with N rows each and Y = silu(gate) * up is N wide: a
@@ -158,9 +211,9 @@ def rmsnorm_linear_kernel(
     mask_n = offs_n < N
     acc, acc_up, sumsq = _norm_matmul(
         X, R, H, W, offs_m,
-        offs_n.to(tl.int64)[None, :] * stride_wn, (offs_n + N).to(tl.int64)[None, :] * stride_wn,
+        offs_n.to(tl.int64) * stride_wn, (offs_n + N).to(tl.int64) * stride_wn,
         mask_n, M, K, tl.where(pid_n == 0, M, 0), stride_xm, stride_rm, stride_hm,
-        HAS_RESIDUAL, SILU_MUL, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+        HAS_RESIDUAL, SILU_MUL, PRECISION, GEMV, BLOCK_M, BLOCK_N, BLOCK_K,
     )
 
     # r needs the whole row, so it can only be applied after the K loop.
@@ -177,15 +230,24 @@ def rmsnorm_linear_kernel(
 
 def _fits_registers(configs, named_args, **meta):
     """With SILU_MUL a program holds two accumulators: drop the tiles that would then exceed
-    the 128 x 128 fp32 accumulator a program keeps without spilling."""
+    the 128 x 128 fp32 accumulator a program keeps without spilling. GEMV: drop the tiles
+    whose [BLOCK_M, BLOCK_N, BLOCK_K] product exceeds 64 fp32 values per thread."""
     pairs = 2 if meta.get("SILU_MUL") else 1
-    fits = [c for c in configs if pairs * meta.get("BLOCK_M", c.kwargs.get("BLOCK_M", 0)) * c.kwargs["BLOCK_N"]
-            <= 128 * 128]
+
+    def block_m(c):
+        return meta.get("BLOCK_M", c.kwargs.get("BLOCK_M", 0))
+
+    if meta.get("GEMV"):
+        size = {c: pairs * block_m(c) * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] / (32 * c.num_warps) for c in configs}
+        fits = [c for c in configs if size[c] <= 64]
+        return fits or [min(configs, key=size.get)]
+    fits = [c for c in configs if pairs * block_m(c) * c.kwargs["BLOCK_N"] <= 128 * 128]
     return fits or configs
 
 
 _KEY = ["M_BUCKET", "N", "K", "HAS_RESIDUAL", "SILU_MUL"]
 _PRUNE = {"early_config_prune": _fits_registers}
+_gemv_kernel = triton.autotune(configs=_GEMV_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(rmsnorm_linear_kernel)
 _decode_kernel = triton.autotune(configs=_DECODE_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(rmsnorm_linear_kernel)
 _prefill_kernel = triton.autotune(configs=_PREFILL_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(rmsnorm_linear_kernel)
 
@@ -194,14 +256,32 @@ def _m_bucket(m: int) -> int:
     return min(max(triton.next_power_of_2(m), 16), 8192)
 
 
-def kernel_for(m: int):
-    """The autotuned kernel that serves M rows, and the meta-parameters the wrapper fixes.
+def path_for(m: int, path: str | None = None) -> str:
+    """The path that serves M rows: ``path`` if given (and able to serve M), else the dispatch rule."""
+    if path is None:
+        if m <= GEMV_MAX_M:
+            return "gemv"
+        if m >= CUBLAS_MIN_M:
+            return "cublas"
+        return "dot" if m <= SMALL_M else "tiled"
+    if path not in PATHS or (path == "gemv" and m > GEMV_MAX_M) or (path == "dot" and m > SMALL_M):
+        raise ValueError(f"path {path!r} cannot serve M={m} (paths {PATHS}; gemv M <= {GEMV_MAX_M}, "
+                         f"dot M <= {SMALL_M})")
+    return path
 
-    ``kernel.best_config`` holds the config of its latest launch (the bench records it).
-    """
-    if m <= SMALL_M:
-        return _decode_kernel, {"BLOCK_M": _m_bucket(m), "GROUP_M": 1}
-    return _prefill_kernel, {}
+
+def kernel_for(m: int, path: str | None = None):
+    """The autotuned kernel that serves M rows on a Triton path, and the meta-parameters the
+    wrapper fixes. ``kernel.best_config`` holds the config of its latest launch (the bench
+    records it)."""
+    path = path_for(m, path)
+    if path == "gemv":
+        return _gemv_kernel, {"BLOCK_M": triton.next_power_of_2(max(m, 1)), "GROUP_M": 1, "GEMV": True}
+    if path == "dot":
+        return _decode_kernel, {"BLOCK_M": _m_bucket(m), "GROUP_M": 1, "GEMV": False}
+    if path == "tiled":
+        return _prefill_kernel, {"GEMV": False}
+    raise ValueError("the cublas path runs no rmsnorm_linear kernel")
 
 
 def precision(dtype: torch.dtype) -> str:
@@ -232,7 +312,7 @@ def launch(kernel, x, w_folded, eps, residual, rms_cols_start, silu_mul=False, *
         HAS_RESIDUAL=residual is not None,
         SILU_MUL=silu_mul,
         PRECISION=precision(x.dtype),
-        **meta,
+        **{"GEMV": False, **meta},
     )
     return y if residual is None else (y, h)
 
@@ -264,6 +344,7 @@ def rmsnorm_linear(
     residual: torch.Tensor | None = None,
     rms_cols_start: int = 0,
     silu_mul: bool = False,
+    path: str | None = None,
 ):
     """``y = rmsnorm(h) @ W.T`` [M, N] with ``w_folded = fold_rmsnorm_weight(gamma, W)``.
 
@@ -271,12 +352,45 @@ def rmsnorm_linear(
     (inputs are not modified). Columns ``n < rms_cols_start`` get plain ``h @ w_folded.T``.
     ``silu_mul``: W is SwiGLU's ``[gate; up]`` and y is ``silu(gate) * up``, [M, N / 2].
     x, w_folded, residual: same dtype (fp16/bf16/fp32) and device, contiguous in K.
+    ``path``: force one of ``PATHS`` (tests, bench); None dispatches on M (``path_for``).
     """
     _check_args(x, w_folded, residual, rms_cols_start, silu_mul)
     if not use_triton(x):
         return rmsnorm_linear_ref(x, w_folded, eps, residual, rms_cols_start, silu_mul)
-    kernel, meta = kernel_for(x.shape[0])
+    path = path_for(x.shape[0], path)
+    if path == "cublas":
+        return cublas_route(x, w_folded, eps, residual, rms_cols_start, silu_mul)
+    kernel, meta = kernel_for(x.shape[0], path)
     return launch(kernel, x, w_folded, eps, residual, rms_cols_start, silu_mul, **meta)
+
+
+def norm_rows(x, residual, eps, want_rstd=False):
+    """One row kernel: ``h = x (+ residual)`` (a new tensor), the normalised rows
+    ``round(h * r)`` (gamma is folded into the next weight) and, if asked, ``r`` in fp32.
+    Returns ``(normed, h, rstd)``; ``h`` is ``x`` without a residual."""
+    m = x.shape[0]
+    normed = torch.empty_like(x)
+    h = torch.empty_like(x) if residual is not None else x
+    rstd = torch.empty(m, dtype=torch.float32, device=x.device) if want_rstd else None
+    if m > 0:
+        launch_rows(x, residual, h if residual is not None else None, None, normed, rstd, eps)
+    return normed, h, rstd
+
+
+def cublas_route(x, w_folded, eps, residual, rms_cols_start=0, silu_mul=False):
+    """The UNFUSED route, for large M where cuBLAS beats the Triton GEMMs: ``norm_rows`` then
+    ``F.linear`` (cuBLAS), then SiLU(gate) * up in torch. Same results as ``rmsnorm_linear_ref``
+    (the normalised rows are rounded to x's dtype, as the unfused engine path does)."""
+    normed, h, _ = norm_rows(x, residual, eps)
+    if rms_cols_start:
+        y = torch.cat([torch.nn.functional.linear(h, w_folded[:rms_cols_start]),
+                       torch.nn.functional.linear(normed, w_folded[rms_cols_start:])], dim=-1)
+    else:
+        y = torch.nn.functional.linear(normed, w_folded)
+    if silu_mul:
+        gate, up = y.chunk(2, dim=-1)
+        y = torch.nn.functional.silu(gate) * up
+    return y if residual is None else (y, h)
 
 
 def fold_rmsnorm_weight(gamma: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -24,12 +24,26 @@ import torch
 
 from kernels.paged_attention import INDEX_DTYPES, _check_cache, store_kvcache_ref
 from kernels.rmsnorm import INTERPRET, check_tensors, rmsnorm_ref, tl, triton, use_triton
-from kernels.rmsnorm_linear import SMALL_M, _configs, _m_bucket, _norm_matmul, _tile_ids, precision, rmsnorm_linear_ref
+from kernels.rmsnorm_linear import (_configs, _m_bucket, _norm_matmul, _tile_ids, norm_rows, path_for, precision,
+                                     rmsnorm_linear_ref)
 
 if INTERPRET:
+    _GEMV_CONFIGS = _configs(("BLOCK_K",), [(16, 1, 1)])
     _DECODE_CONFIGS = _configs(("BLOCK_K",), [(32, 1, 1)])
     _PREFILL_CONFIGS = _configs(("BLOCK_M", "BLOCK_K", "GROUP_M"), [(32, 32, 2, 1, 1)])
 else:
+    # GEMV: a program streams one head's 128 x K slice of W (256 KB at K = 1024) with
+    # 8-16 warps; the product [BLOCK_M, 128, BLOCK_K] is pruned to <= 64 fp32 per thread.
+    _GEMV_CONFIGS = _configs(("BLOCK_K",), [
+        (64, 4, 4),
+        (128, 8, 4),
+        (128, 8, 3),
+        (256, 16, 3),
+        (128, 16, 4),
+        (32, 4, 4),
+        (64, 16, 4),  # M = 4
+        (32, 16, 4),  # M = 8
+    ])
     # BLOCK_N is the head (128 for Qwen3): a W tile is BLOCK_K x 128, 16-64 KB per stage.
     _DECODE_CONFIGS = _configs(("BLOCK_K",), [
         (64, 4, 4),
@@ -46,36 +60,22 @@ else:
 
 
 @triton.jit
-def rmsnorm_qkv_kernel(
-    X, R, H, W, Q, KC, VC, SLOTS, POS, COS_SIN, QW, KW,
-    M, K, M_BUCKET,  # M_BUCKET: only read by the autotuners' keys
-    num_q_heads, num_kv_heads,
-    stride_xm, stride_rm, stride_hm, stride_wn, stride_qm, stride_qh,
-    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_cs,
-    eps, qk_eps,
-    HAS_RESIDUAL: tl.constexpr, PRECISION: tl.constexpr,
-    HEAD_DIM: tl.constexpr, CACHE_BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+def _qkv_epilogue(
+    acc, head, offs_m, M, v_rstd, qk_eps_rows,
+    Q, KC, VC, SLOTS, POS, COS_SIN, QW, KW, num_q_heads, num_kv_heads,
+    stride_qm, stride_qh, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_cs,
+    HEAD_DIM: tl.constexpr, CACHE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
+    """One head of qkv for BLOCK_M rows (``acc``, fp32 [BLOCK_M, HEAD_DIM]): v gets ``* v_rstd``
+    and goes to the cache; q, k get their head RMSNorm with ``qk_eps_rows`` as eps, RoPE; k to
+    the cache, q out."""
     HALF: tl.constexpr = HEAD_DIM // 2
-    num_heads = num_q_heads + 2 * num_kv_heads  # qkv columns: q heads, k heads, v heads
-    pid_m, head = _tile_ids(M, num_heads, BLOCK_M, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = head * HEAD_DIM + tl.arange(0, HEAD_DIM)
-    w_rows = offs_n.to(tl.int64)[None, :] * stride_wn
-    acc, _, sumsq = _norm_matmul(
-        X, R, H, W, offs_m, w_rows, w_rows, offs_n < num_heads * HEAD_DIM, M, K, tl.where(head == 0, M, 0),
-        stride_xm, stride_rm, stride_hm,
-        HAS_RESIDUAL, False, PRECISION, BLOCK_M, HEAD_DIM, BLOCK_K,
-    )
-
     mask_m = offs_m < M
-    mean_sq = sumsq / K
     slot = tl.load(SLOTS + offs_m, mask=mask_m, other=-1).to(tl.int64)  # int64: block * stride can pass 2**31
     cache_block, cache_offset = slot // CACHE_BLOCK, slot % CACHE_BLOCK
     mask_cache = (mask_m & (slot >= 0))[:, None]
     if head >= num_q_heads + num_kv_heads:
-        v = acc * tl.rsqrt(mean_sq + eps)[:, None]
+        v = acc * v_rstd[:, None]
         v_head = head - num_q_heads - num_kv_heads
         cols = tl.arange(0, HEAD_DIM)[None, :]
         dst = VC + cache_block[:, None] * stride_vcb + cache_offset[:, None] * stride_vcs + v_head * stride_vch
@@ -83,7 +83,7 @@ def rmsnorm_qkv_kernel(
     else:
         a1, a2 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
         head_mean_sq = (tl.sum(a1 * a1, axis=1) + tl.sum(a2 * a2, axis=1)) / HEAD_DIM
-        rstd = tl.rsqrt(head_mean_sq + qk_eps * (mean_sq + eps))[:, None]
+        rstd = tl.rsqrt(head_mean_sq + qk_eps_rows)[:, None]
         d = tl.arange(0, HALF)[None, :]
         if head < num_q_heads:
             g1 = tl.load(QW + d).to(tl.float32)
@@ -109,16 +109,89 @@ def rmsnorm_qkv_kernel(
             tl.store(dst + HALF + d, out2.to(KC.dtype.element_ty), mask=mask_cache)
 
 
+@triton.jit
+def rmsnorm_qkv_kernel(
+    X, R, H, W, Q, KC, VC, SLOTS, POS, COS_SIN, QW, KW,
+    M, K, M_BUCKET,  # M_BUCKET: only read by the autotuners' keys
+    num_q_heads, num_kv_heads,
+    stride_xm, stride_rm, stride_hm, stride_wn, stride_qm, stride_qh,
+    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_cs,
+    eps, qk_eps,
+    HAS_RESIDUAL: tl.constexpr, PRECISION: tl.constexpr, GEMV: tl.constexpr,
+    HEAD_DIM: tl.constexpr, CACHE_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    num_heads = num_q_heads + 2 * num_kv_heads  # qkv columns: q heads, k heads, v heads
+    pid_m, head = _tile_ids(M, num_heads, BLOCK_M, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = head * HEAD_DIM + tl.arange(0, HEAD_DIM)
+    w_rows = offs_n.to(tl.int64) * stride_wn
+    acc, _, sumsq = _norm_matmul(
+        X, R, H, W, offs_m, w_rows, w_rows, offs_n < num_heads * HEAD_DIM, M, K, tl.where(head == 0, M, 0),
+        stride_xm, stride_rm, stride_hm,
+        HAS_RESIDUAL, False, PRECISION, GEMV, BLOCK_M, HEAD_DIM, BLOCK_K,
+    )
+    # q and k skip r; their eps is scaled by 1 / r**2 = mean(h**2) + eps instead (exact).
+    mean_sq = sumsq / K
+    _qkv_epilogue(acc, head, offs_m, M, tl.rsqrt(mean_sq + eps), qk_eps * (mean_sq + eps),
+                  Q, KC, VC, SLOTS, POS, COS_SIN, QW, KW, num_q_heads, num_kv_heads,
+                  stride_qm, stride_qh, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                  stride_cs, HEAD_DIM, CACHE_BLOCK, BLOCK_M)
+
+
+@triton.jit
+def qkv_epilogue_kernel(
+    QKV, Q, KC, VC, SLOTS, POS, COS_SIN, QW, KW,
+    M, num_q_heads, num_kv_heads,
+    stride_m, stride_qm, stride_qh,
+    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_cs,
+    qk_eps,
+    HEAD_DIM: tl.constexpr, CACHE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """The cuBLAS route's second kernel: the same epilogue on a qkv that is already normalised
+    (``F.linear(normed rows, W_folded)``), so v gets no factor and q, k use plain qk_eps."""
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = head * HEAD_DIM + tl.arange(0, HEAD_DIM)
+    acc = tl.load(QKV + offs_m.to(tl.int64)[:, None] * stride_m + cols[None, :], mask=(offs_m < M)[:, None],
+                  other=0.0).to(tl.float32)
+    ones = tl.full((BLOCK_M,), 1.0, tl.float32)
+    _qkv_epilogue(acc, head, offs_m, M, ones, ones * qk_eps,
+                  Q, KC, VC, SLOTS, POS, COS_SIN, QW, KW, num_q_heads, num_kv_heads,
+                  stride_qm, stride_qh, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                  stride_cs, HEAD_DIM, CACHE_BLOCK, BLOCK_M)
+
+
+def _fits_registers(configs, named_args, **meta):
+    """GEMV: drop configs whose [BLOCK_M, HEAD_DIM, BLOCK_K] product exceeds 64 fp32 per thread."""
+    if not meta.get("GEMV"):
+        return configs
+    head_dim = meta.get("HEAD_DIM", 128)
+    size = {c: meta["BLOCK_M"] * head_dim * c.kwargs["BLOCK_K"] / (32 * c.num_warps) for c in configs}
+    fits = [c for c in configs if size[c] <= 64]
+    return fits or [min(configs, key=size.get)]
+
+
 _KEY = ["M_BUCKET", "num_q_heads", "num_kv_heads", "K", "HAS_RESIDUAL"]
+_PRUNE = {"early_config_prune": _fits_registers}
+_gemv_kernel = triton.autotune(configs=_GEMV_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(rmsnorm_qkv_kernel)
 _decode_kernel = triton.autotune(configs=_DECODE_CONFIGS, key=_KEY)(rmsnorm_qkv_kernel)
 _prefill_kernel = triton.autotune(configs=_PREFILL_CONFIGS, key=_KEY)(rmsnorm_qkv_kernel)
+EPILOGUE_BLOCK_M = 16  # rows per program of the cuBLAS route's epilogue kernel
 
 
-def kernel_for(m: int):
-    """The autotuned kernel that serves M rows, and the meta-parameters the wrapper fixes."""
-    if m <= SMALL_M:
-        return _decode_kernel, {"BLOCK_M": _m_bucket(m), "GROUP_M": 1}
-    return _prefill_kernel, {}
+def kernel_for(m: int, path: str | None = None):
+    """The autotuned kernel that serves M rows on a Triton path (the same dispatch rule and
+    paths as ``rmsnorm_linear``), and the meta-parameters the wrapper fixes."""
+    path = path_for(m, path)
+    if path == "gemv":
+        return _gemv_kernel, {"BLOCK_M": triton.next_power_of_2(max(m, 1)), "GROUP_M": 1, "GEMV": True}
+    if path == "dot":
+        return _decode_kernel, {"BLOCK_M": _m_bucket(m), "GROUP_M": 1, "GEMV": False}
+    if path == "tiled":
+        return _prefill_kernel, {"GEMV": False}
+    raise ValueError("the cublas path runs no rmsnorm_qkv kernel")
 
 
 def _check_args(op, x, w_folded, residual, q_norm_weight, k_norm_weight, cos_sin, positions, k_cache, v_cache,
@@ -166,6 +239,7 @@ def rmsnorm_qkv_rope_store(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    path: str | None = None,
 ):
     """Qwen3's attention input: returns q ``[M, Hq, D]`` (normed, rotated) and stores k, v.
 
@@ -174,6 +248,8 @@ def rmsnorm_qkv_rope_store(
     ``q = rope(q_norm(q))``, ``k = rope(k_norm(k))`` with ``cos_sin`` [max_position, D] (cos
     then sin, fp32) at ``positions`` [M]; k, v written to the ``[blocks, block_size, Hkv, D]``
     caches at ``slot_mapping`` [M] (-1: skipped). With a residual returns ``(q, h)``.
+    ``path``: as in ``rmsnorm_linear`` (None: dispatch on M); "cublas" is the unfused route:
+    row kernel, cuBLAS qkv, then ``qkv_epilogue_kernel``.
     """
     op = "rmsnorm_qkv_rope_store"
     num_q_heads = _check_args(op, x, w_folded, residual, q_norm_weight, k_norm_weight, cos_sin, positions,
@@ -185,8 +261,22 @@ def rmsnorm_qkv_rope_store(
     num_kv_heads, head_dim = k_cache.shape[2:]
     q = torch.empty((m, num_q_heads, head_dim), dtype=x.dtype, device=x.device)
     h = torch.empty_like(x) if residual is not None else None
-    if m > 0:
-        kernel, meta = kernel_for(m)
+    path = path_for(m, path)
+    cache_args = (*k_cache.stride()[:3], *v_cache.stride()[:3], cos_sin.stride(0))
+    if m > 0 and path == "cublas":
+        normed, h_route, _ = norm_rows(x, residual, eps)
+        if h is not None:
+            h = h_route
+        qkv = torch.nn.functional.linear(normed, w_folded)
+        grid = (triton.cdiv(m, EPILOGUE_BLOCK_M), num_q_heads + 2 * num_kv_heads)
+        qkv_epilogue_kernel[grid](
+            qkv, q, k_cache, v_cache, slot_mapping, positions, cos_sin, q_norm_weight, k_norm_weight,
+            m, num_q_heads, num_kv_heads, qkv.stride(0), q.stride(0), q.stride(1), *cache_args, qk_eps,
+            HEAD_DIM=head_dim, CACHE_BLOCK=k_cache.shape[1], BLOCK_M=EPILOGUE_BLOCK_M,
+            num_warps=4,
+        )
+    elif m > 0:
+        kernel, meta = kernel_for(m, path)
 
         def grid(cfg):
             return (triton.cdiv(m, cfg["BLOCK_M"]) * (num_q_heads + 2 * num_kv_heads),)
@@ -196,8 +286,7 @@ def rmsnorm_qkv_rope_store(
             q_norm_weight, k_norm_weight,
             m, k, _m_bucket(m), num_q_heads, num_kv_heads,
             x.stride(0), residual.stride(0) if residual is not None else 0, h.stride(0) if h is not None else 0,
-            w_folded.stride(0), q.stride(0), q.stride(1),
-            *k_cache.stride()[:3], *v_cache.stride()[:3], cos_sin.stride(0),
+            w_folded.stride(0), q.stride(0), q.stride(1), *cache_args,
             eps, qk_eps,
             HAS_RESIDUAL=residual is not None, PRECISION=precision(x.dtype),
             HEAD_DIM=head_dim, CACHE_BLOCK=k_cache.shape[1], **meta,

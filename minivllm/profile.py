@@ -197,8 +197,7 @@ def profile_mode(args, fusion: str) -> list[dict]:
                      itemsize=llm.config.torch_dtype.itemsize,
                      timeline=[dict(name=k[0], category=k[1], op=k[2], start_us=k[3] - t_first, end_us=k[4] - t_first)
                                for k in last]))
-    llm.abort_all()
-    del llm
+    llm.shutdown()  # frees the KV cache and graphs before the next mode's engine sizes its own
     return rows
 
 

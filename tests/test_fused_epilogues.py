@@ -157,6 +157,8 @@ def test_rmsnorm_gate_up_silu_mul_qwen3_06b_bf16(M):
 
 def check_qkv(case, residual):
     """Run the kernel on ``case`` and compare q, the stored k and v, and the untouched slots."""
+    case = dict(case)
+    path = case.pop("path", None)
     M, with_residual = case["x"].shape[0], residual is not None
     num_kv_heads, head_dim = case["k_cache"].shape[2:]
     num_q_heads = case["w_folded"].shape[0] // head_dim - 2 * num_kv_heads
@@ -164,7 +166,7 @@ def check_qkv(case, residual):
     exact = in_fp64(case)
     caches_before = case["k_cache"].clone(), case["v_cache"].clone()
 
-    out = poisoned(rmsnorm_qkv_rope_store, residual=residual, **case)
+    out = poisoned(rmsnorm_qkv_rope_store, residual=residual, path=path, **case)
     q, h = out if with_residual else (out, case["x"])
     q_base = rmsnorm_qkv_rope_store_ref(residual=residual, **baseline)
     q_exact = rmsnorm_qkv_rope_store_ref(residual=None if residual is None else residual.double(), **exact)
@@ -215,3 +217,20 @@ def test_engine_with_full_fusion_runs_the_kernels_and_keeps_greedy_tokens():
     settings = dict(device=DEVICE, max_num_batched_tokens=16, max_model_len=64, kvcache_block_size=16)
     off = greedy_tokens(LLM(tiny_checkpoint(), fusion="off", **settings), prompts, max_tokens=3)
     assert greedy_tokens(LLM(tiny_checkpoint(), fusion="full", **settings), prompts, max_tokens=3) == off
+
+
+# Every path, whatever the dispatch rule picks (see tests/test_kernels.py PATH_CASES).
+EPILOGUE_PATHS = [(1, "gemv"), (3, "gemv"), (8, "gemv"), (3, "dot"), (17, "tiled"), (1, "cublas"), (17, "cublas")]
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M,path", EPILOGUE_PATHS)
+def test_epilogue_paths(M, path, dtype):
+    case = make_qkv_case(M, 16, 6, 2, dtype)
+    residual = randn(M, case["x"].shape[1], dtype=dtype)
+    check_qkv({**case, "path": path}, residual)
+    x, w = randn(M, 40, dtype=dtype), case["w_folded"][:38]
+    y, h = poisoned(rmsnorm_linear, x, w, EPS, residual, silu_mul=True, path=path)
+    exact = rmsnorm_linear_ref(h.double(), w.double(), EPS, silu_mul=True)
+    assert_no_worse(y, rmsnorm_linear_ref(h, w, EPS, silu_mul=True), exact, f"silu(gate) * up ({path})")
