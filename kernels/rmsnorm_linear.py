@@ -26,9 +26,9 @@ The K loop (``_norm_matmul``) and program order (``_tile_ids``) are shared with
 ``rmsnorm_qkv``, whose epilogue adds QK-norm, RoPE and the KV-cache store.
 
 Paths by M (``path_for``; NOTES.md "GPU measurements" has the H100 numbers behind them):
-  * M <= GEMV_MAX_M (8): "gemv", the kernel with GEMV=True: no tl.dot, each program streams
+  * M <= GEMV_MAX_M (1): "gemv", the kernel with GEMV=True: no tl.dot, each program streams
     [BLOCK_N, BLOCK_K] K-contiguous W tiles once for all rows, fp32 multiply + tl.sum.
-  * M >= CUBLAS_MIN_M (9): "cublas", the unfused route (row kernel, then cuBLAS), because
+  * M >= CUBLAS_MIN_M (2): "cublas", the unfused route (row kernel, then cuBLAS), because
     cuBLAS beat both tl.dot launch shapes on the H100.
   * "dot" (one row block, M <= 64) and "tiled" (grouped GEMM tiles): the tl.dot kernels, used
     when the constants are moved (bench) or forced with ``path=``.
@@ -45,8 +45,11 @@ SMALL_M = 64  # largest M the tl.dot decode configs serve (one row block)
 #   M >= CUBLAS_MIN_M    -> "cublas": row kernel (h, normalised rows) + cuBLAS; the UNFUSED route,
 #                           taken because cuBLAS beat every tl.dot variant on the H100 (NOTES.md)
 #   otherwise            -> "dot" (M <= SMALL_M, one row block) or "tiled" (grouped GEMM tiles)
-GEMV_MAX_M = 8
-CUBLAS_MIN_M = 9
+# H100 (run 3, NOTES.md): GEMV beat cuBLAS at M = 1 on lm_head and 8B gate_up but took 2-2.6x
+# cuBLAS at M = 4 (the fp32 [M, BLOCK_N, BLOCK_K] product outgrows the registers), so only M = 1.
+GEMV_MAX_M = 1
+CUBLAS_MIN_M = 2
+GEMV_MAX_ROWS = 8  # the most rows the GEMV kernel serves when forced (its fp32 product grows with M)
 PATHS = ("gemv", "dot", "tiled", "cublas")
 
 
@@ -140,7 +143,7 @@ def _norm_matmul(
     ``w_rows``: [BLOCK_N] element offsets of the W rows. With a residual, h is also stored
     to H for rows below ``h_rows``: M for one column block, 0 for the others (all of them
     compute h for their dot, one writes it).
-    GEMV (BLOCK_M = next power of two >= M, at most GEMV_MAX_M): no tensor cores; W tiles are
+    GEMV (BLOCK_M = next power of two >= M, at most GEMV_MAX_ROWS): no tensor cores; W tiles are
     [BLOCK_N, BLOCK_K] (K fastest), multiplied by the h rows in fp32 and summed over K.
     """
     mask_m = offs_m < M
@@ -264,8 +267,8 @@ def path_for(m: int, path: str | None = None) -> str:
         if m >= CUBLAS_MIN_M:
             return "cublas"
         return "dot" if m <= SMALL_M else "tiled"
-    if path not in PATHS or (path == "gemv" and m > GEMV_MAX_M) or (path == "dot" and m > SMALL_M):
-        raise ValueError(f"path {path!r} cannot serve M={m} (paths {PATHS}; gemv M <= {GEMV_MAX_M}, "
+    if path not in PATHS or (path == "gemv" and m > GEMV_MAX_ROWS) or (path == "dot" and m > SMALL_M):
+        raise ValueError(f"path {path!r} cannot serve M={m} (paths {PATHS}; gemv M <= {GEMV_MAX_ROWS}, "
                          f"dot M <= {SMALL_M})")
     return path
 

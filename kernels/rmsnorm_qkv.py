@@ -248,10 +248,13 @@ def rmsnorm_qkv_rope_store(
     ``q = rope(q_norm(q))``, ``k = rope(k_norm(k))`` with ``cos_sin`` [max_position, D] (cos
     then sin, fp32) at ``positions`` [M]; k, v written to the ``[blocks, block_size, Hkv, D]``
     caches at ``slot_mapping`` [M] (-1: skipped). With a residual returns ``(q, h)``.
-    ``path``: as in ``rmsnorm_linear`` (None: dispatch on M); "cublas" is the unfused route:
+    ``path``: as in ``rmsnorm_linear``; None takes "cublas", the unfused route (measured fastest):
     row kernel, cuBLAS qkv, then ``qkv_epilogue_kernel``.
     """
     op = "rmsnorm_qkv_rope_store"
+    # H100 (run 3, NOTES.md): one head per program leaves most SMs idle at small M (0.6B qkv at M = 1:
+    # 18.6 us fused vs 10.2 us for row kernel + cuBLAS + epilogue), and tl.dot loses to cuBLAS above.
+    path = path or "cublas"
     num_q_heads = _check_args(op, x, w_folded, residual, q_norm_weight, k_norm_weight, cos_sin, positions,
                               k_cache, v_cache, slot_mapping)
     if not use_triton(x):

@@ -110,7 +110,8 @@ def step_kernels(prof, on_gpu: bool):
     out = [[] for _ in steps]
     for ev in events:
         if on_gpu:
-            if ev.device_type != torch.autograd.DeviceType.CUDA:
+            # record_function ranges come back on the GPU timeline too (as mv::... annotations): not kernels
+            if ev.device_type != torch.autograd.DeviceType.CUDA or ev.name.startswith(("mv::", "ProfilerStep")):
                 continue
             linked = getattr(ev, "linked_correlation_id", None)
             launch = by_id.get(linked) if linked else launches.get(ev.id)

@@ -119,7 +119,7 @@ def make_qkv_case(M, head_dim, num_q_heads, num_kv_heads, dtype, K=40):
 
 
 def in_fp64(case):
-    return {name: t.double() if torch.is_tensor(t) and t.dtype in (torch.float16, torch.float32) and name != "cos_sin"
+    return {name: t.double() if torch.is_tensor(t) and t.dtype in (torch.bfloat16, torch.float16, torch.float32) and name != "cos_sin"
             else t for name, t in case.items()}
 
 

@@ -17,9 +17,9 @@ def test_tiny_fp32_on_gpu_matches_cpu_reference():
     cpu = greedy_tokens(LLM(ckpt, device="cpu"), prompts, max_tokens=24)
     for eager in (True, False):
         for fusion in ("off", "norm_linear", "full"):
-            llm = LLM(ckpt, device="cuda", dtype="float32", enforce_eager=eager, fusion=fusion,
-                      kvcache_block_size=16, max_num_seqs=8, max_model_len=512)
-            assert greedy_tokens(llm, prompts, max_tokens=24) == cpu, (eager, fusion)
+            with LLM(ckpt, device="cuda", dtype="float32", enforce_eager=eager, fusion=fusion,
+                     kvcache_block_size=16, max_num_seqs=8, max_model_len=512, gpu_memory_utilization=0.3) as llm:
+                assert greedy_tokens(llm, prompts, max_tokens=24) == cpu, (eager, fusion)
 
 
 @pytest.fixture(scope="module")
@@ -58,14 +58,14 @@ def test_qwen3_06b_bf16_fusion_and_graphs_agree(qwen3_06b):
     off = LLM(qwen3_06b, max_model_len=1024, max_num_seqs=16, gpu_memory_utilization=0.5)
     ref = step_logits(off, prompts, max_tokens=5)
     graph_tokens = greedy_tokens(off, prompts, max_tokens=32)
-    del off
+    off.shutdown()
     eager = LLM(qwen3_06b, max_model_len=1024, max_num_seqs=16, gpu_memory_utilization=0.5, enforce_eager=True)
     assert greedy_tokens(eager, prompts, max_tokens=32) == graph_tokens
-    del eager
+    eager.shutdown()
     for fusion in ("norm_linear", "full"):
         fused = LLM(qwen3_06b, max_model_len=1024, max_num_seqs=16, gpu_memory_utilization=0.5, fusion=fusion)
         got = step_logits(fused, prompts, max_tokens=5)
-        del fused
+        fused.shutdown()  # the KV cache goes now, not at interpreter exit
         # bf16 tolerance: the paths round differently (folded weights, deferred 1/rms, fewer roundings).
         # Rows: the prefill's 3, then 4 decode steps of 3 (CUDA graph of batch 4).
         for rows, phase in ((slice(0, 3), "prefill"), (slice(3, None), "decode")):
@@ -115,7 +115,7 @@ def test_qwen3_06b_full_fusion_runs_at_most_6_kernels_per_layer_at_decode(qwen3_
         llm.model_runner.model.model.layers = layers
         per_layer = (all_layers - half_layers) / (len(layers) - len(layers) // 2)
         counts[fusion] = (per_layer, all_layers - per_layer * len(layers))
-        del llm
+        llm.shutdown()  # the KV cache goes now, not at interpreter exit
     print("kernels per decode step: (per layer, outside the layers):", counts)
     assert counts["full"][0] == int(counts["full"][0]), counts
     assert counts["full"][0] <= 6, counts

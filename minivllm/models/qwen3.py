@@ -86,9 +86,9 @@ class Qwen3DecoderLayer(nn.Module):
             return self.mlp.down_proj(act), residual
         fused = fusion == "norm_linear"
         attn = self.self_attn
-        # Only v needs the 1/rms scale: q and k go through their own RMSNorm, which cancels it.
-        qkv, residual = norm_linear(self.input_layernorm, attn.qkv_proj, hidden, residual, fused,
-                                    rms_cols_start=attn.q_size + attn.kv_size)
+        # Every column gets the 1/rms scale here although q and k's own RMSNorm cancels it: skipping it
+        # saves nothing in a GEMV epilogue and would split the cuBLAS route's GEMM in two (NOTES.md).
+        qkv, residual = norm_linear(self.input_layernorm, attn.qkv_proj, hidden, residual, fused)
         hidden = attn(positions, qkv)
         gate_up, residual = norm_linear(self.post_attention_layernorm, self.mlp.gate_up_proj, hidden, residual, fused)
         return self.mlp(gate_up), residual
@@ -148,13 +148,13 @@ class Qwen3ForCausalLM(nn.Module):
         self.model.fusion = fusion
 
 
-def norm_linear(norm: RMSNorm, linear: nn.Module, x, residual, fused: bool, rms_cols_start: int = 0):
+def norm_linear(norm: RMSNorm, linear: nn.Module, x, residual, fused: bool):
     """``linear(norm(x + residual))`` and the new residual ``x + residual`` (``x`` when there is
     none yet): as two kernels, or as one when the norm weight is folded into ``linear``."""
     if fused:
         if residual is None:
-            return kernels.rmsnorm_linear(x, linear.weight, norm.eps, rms_cols_start=rms_cols_start), x
-        return kernels.rmsnorm_linear(x, linear.weight, norm.eps, residual, rms_cols_start=rms_cols_start)
+            return kernels.rmsnorm_linear(x, linear.weight, norm.eps), x
+        return kernels.rmsnorm_linear(x, linear.weight, norm.eps, residual)
     if residual is None:
         return linear(norm(x)), x
     y, residual = norm(x, residual)
