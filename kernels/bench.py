@@ -28,6 +28,7 @@ import importlib
 import itertools
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -248,6 +249,8 @@ def hardware():
 
 
 def git_commit():
+    if os.environ.get("MINIVLLM_GIT_COMMIT"):  # a copy of the tree without its history (a GPU box)
+        return os.environ["MINIVLLM_GIT_COMMIT"]
     try:
         git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30,
                              cwd=Path(__file__).resolve().parent)

@@ -48,6 +48,10 @@ def hardware() -> dict:
 
 
 def git_commit() -> str:
+    """The commit the code ran at. A copy of the tree without its history (a GPU box's) names it in
+    MINIVLLM_GIT_COMMIT."""
+    if os.environ.get("MINIVLLM_GIT_COMMIT"):
+        return os.environ["MINIVLLM_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:

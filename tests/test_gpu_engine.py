@@ -54,22 +54,26 @@ def step_logits(llm, prompts, max_tokens=1):
 
 
 def test_qwen3_06b_bf16_fusion_and_graphs_agree(qwen3_06b):
-    """Eager vs CUDA graphs and each fusion mode vs "off", on logits with the sampled tokens forced:
-    with random weights the logits are nearly flat, so greedy tokens part at near ties whenever two
-    paths round differently (a graph pads the batch to 4 rows, which changes cuBLAS's kernel)."""
+    """bf16 logits of every mode (eager, CUDA graphs, each fusion) against the engine in fp32, with the
+    sampled tokens forced so that all engines decode the same inputs (random weights give nearly flat
+    logits, whose greedy tokens part at near ties). A fused mode may round differently from "off", but
+    it must not be further from fp32 than "off" is, beyond a small share of bf16 noise."""
     prompts = random_prompts([7, 100, 513], vocab=151936, seed=22)
-    settings = dict(max_model_len=1024, max_num_seqs=16, gpu_memory_utilization=0.5)
-    with LLM(qwen3_06b, **settings) as off:
-        ref = step_logits(off, prompts, max_tokens=5)
-    # Rows: the prefill's 3, then 4 decode steps of 3 (CUDA graph of batch 4).
-    for name, extra in (("eager", dict(enforce_eager=True)), ("norm_linear", dict(fusion="norm_linear")),
+    settings = dict(max_model_len=1024, max_num_seqs=16, gpu_memory_utilization=0.4)
+    with LLM(qwen3_06b, dtype="float32", **settings) as fp32:
+        exact = step_logits(fp32, prompts, max_tokens=5)
+    errors = {}
+    for name, extra in (("off", {}), ("off_eager", dict(enforce_eager=True)), ("norm_linear", dict(fusion="norm_linear")),
                         ("full", dict(fusion="full"))):
         with LLM(qwen3_06b, **settings, **extra) as llm:
             got = step_logits(llm, prompts, max_tokens=5)
-        # bf16 tolerance: the paths round differently (folded weights, deferred 1/rms, fewer roundings).
-        for rows, phase in ((slice(0, 3), "prefill"), (slice(3, None), "decode")):
-            rel = (got[rows] - ref[rows]).norm() / ref[rows].norm()
-            assert torch.isfinite(got[rows]).all() and rel < 2e-2, (name, phase, rel)
+        assert torch.isfinite(got).all(), name
+        # Rows: the prefill's 3, then 4 decode steps of 3 (CUDA graph of batch 4, or eager).
+        errors[name] = {phase: ((got[rows] - exact[rows]).norm() / exact[rows].norm()).item()
+                        for rows, phase in ((slice(0, 3), "prefill"), (slice(3, None), "decode"))}
+    for name, err in errors.items():
+        for phase, e in err.items():
+            assert e < 1.25 * errors["off"][phase] + 2e-3, (name, phase, errors)
 
 
 def cuda_kernels_in(fn) -> int:
