@@ -7,6 +7,7 @@ import atexit
 import os
 import random
 import sys
+import weakref
 from dataclasses import dataclass, fields
 
 import torch
@@ -73,7 +74,15 @@ class LLM:
             self.model_runner.loop()
             self._stop()
             sys.exit(0)
-        atexit.register(self.shutdown)
+        # At exit, shut down what is still running. With one rank the hook holds the engine only weakly,
+        # so an engine its user dropped is freed (its KV cache too, see ModelRunner.kv_budget); a
+        # tensor-parallel engine is held until shutdown, since its workers wait on it.
+        if self.config.tensor_parallel_size > 1:
+            self._at_exit = self.shutdown
+        else:
+            engine = weakref.ref(self)
+            self._at_exit = lambda: engine() is not None and engine().shutdown()
+        atexit.register(self._at_exit)
         eos = set(self.config.hf_config.eos_token_ids)
         if not eos and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos = {self.tokenizer.eos_token_id}
@@ -122,7 +131,7 @@ class LLM:
     def shutdown(self):
         """Stops the other tensor-parallel ranks and frees the model; the engine cannot run after
         this. Safe to call twice; runs at interpreter exit and when a ``with`` block ends."""
-        atexit.unregister(self.shutdown)
+        atexit.unregister(self._at_exit)
         try:
             if self.model_runner is not None:
                 self.model_runner.call("exit")

@@ -1,4 +1,7 @@
 """Engine features against the engine with the feature off, and bad input."""
+import gc
+import weakref
+
 import pytest
 
 from minivllm import LLM, SamplingParams
@@ -123,3 +126,14 @@ def test_bad_requests_raise_and_leave_engine_usable(llm, prompts, params, messag
 def test_bad_sampling_params(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_a_dropped_engine_is_freed_with_its_kv_cache():
+    """The exit hook holds a one-rank engine weakly: dropping the engine frees its KV cache (the
+    next engine's memory measurement counts on it), no shutdown() needed."""
+    llm = LLM(tiny_checkpoint(), device="cpu")
+    cache = weakref.ref(llm.model_runner.kv_cache)
+    engine = weakref.ref(llm)
+    del llm
+    gc.collect()
+    assert engine() is None and cache() is None

@@ -5,6 +5,7 @@ With tensor parallelism every rank has a ModelRunner over its shard of the model
 cache. Rank 0 sends each call (method name and args) to the others before running it
 itself (``call``); they run the calls in ``loop`` until ``exit``.
 """
+import gc
 import os
 import signal
 import threading
@@ -80,6 +81,7 @@ class ModelRunner:
         if self.device.type == "cpu":
             return int(config.cpu_kvcache_space_gb * 2**30)
         torch.cuda.synchronize()
+        gc.collect()  # engines dropped without shutdown(): their caches sit in reference cycles until now
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         seqs = self.warmup_sequences()
