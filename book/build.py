@@ -6,8 +6,8 @@
     python book/build.py --profile smoke --results /tmp/fake_results --out /tmp/smokebook
 
 notebooks/NN_slug.ipynb are the sources (no outputs). A scratch build stages a copy of the book's
-pages so it builds standalone and never touches book/*.ipynb, the published edition. When every
-book/NN_*.ipynb exists, the published edition's HTML is built too, at _build/html.
+pages so it builds standalone and never touches book/*.ipynb, the published edition. The
+published edition's HTML is built too, at _build/html, from the book/NN_*.ipynb that exist.
 """
 import argparse
 import os
@@ -140,24 +140,33 @@ def main(argv=None) -> int:
         for s in slugs:
             shutil.copy2(out / "book" / f"{s}.ipynb", ROOT / "book" / f"{s}.ipynb")
         print(f"published {len(slugs)} executed notebooks to book/")
-    else:
-        missing = absent(out)
-        if missing:  # the staged table of contents lists only the pages that exist
-            print(f"note: left out of this scratch book: {', '.join(missing)}")
-            import yaml
-            toc = yaml.safe_load((out / "_toc.yml").read_text())
-            for part in toc["parts"]:
-                part["chapters"] = [c for c in part["chapters"] if c["file"].split("/")[-1] not in missing]
-            toc["parts"] = [part for part in toc["parts"] if part["chapters"]]
-            (out / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False))
-        if not build_html(out, out):
-            return 1
-    if not absent(ROOT):
-        return 0 if build_html(ROOT, ROOT) else 1
-    print(f"published edition not built (missing: {', '.join(absent(ROOT))}): "
-          "book/NN_*.ipynb are produced on the GPU with python book/build.py --publish")
-    return 0
+    elif not build_html(prune_toc(out, "this scratch book"), out):
+        return 1
+    published = ROOT / "_build" / "published"
+    chapters = sorted(ROOT.glob("book/[0-9][0-9]_*.ipynb"))
+    if not chapters:
+        print("no published edition yet: book/NN_*.ipynb are produced on the GPU with python book/build.py --publish")
+        return 0
+    if published.exists():
+        shutil.rmtree(published)
+    stage(published)
+    for nb in chapters:
+        shutil.copy2(nb, published / "book" / nb.name)
+    return 0 if build_html(prune_toc(published, "the published edition"), ROOT) else 1
 
+
+def prune_toc(book_dir: Path, what: str) -> Path:
+    """Leave the chapters that book_dir lacks out of its staged table of contents (and say so)."""
+    missing = absent(book_dir)
+    if missing:
+        print(f"note: left out of {what}: {', '.join(missing)}")
+        import yaml
+        toc = yaml.safe_load((book_dir / "_toc.yml").read_text())
+        for part in toc["parts"]:
+            part["chapters"] = [c for c in part["chapters"] if c["file"].split("/")[-1] not in missing]
+        toc["parts"] = [part for part in toc["parts"] if part["chapters"]]
+        (book_dir / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False))
+    return book_dir
 
 if __name__ == "__main__":
     sys.exit(main())
