@@ -3,6 +3,7 @@ import gc
 import weakref
 
 import pytest
+import torch
 
 from minivllm import LLM, SamplingParams
 from tests.helpers import greedy_tokens, random_prompts, tiny_checkpoint
@@ -137,3 +138,37 @@ def test_a_dropped_engine_is_freed_with_its_kv_cache():
     del llm
     gc.collect()
     assert engine() is None and cache() is None
+
+
+def test_flash_attn_backend_is_wired_like_the_triton_one(monkeypatch):
+    """flash-attn is optional and not installed here: stand-ins with its signatures, computed by our
+    torch reference, check what the engine passes it (cumulative key lengths, block tables, the causal
+    alignment of a chunk after its cached part, the decode layout) against the engine's own backend."""
+    import minivllm.layers.attention as attention
+    from kernels.paged_attention import paged_attention_ref
+
+    calls = []
+
+    def varlen(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+               causal, block_table):
+        assert causal and int(max_seqlen_k) == int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
+        calls.append("varlen")
+        return paged_attention_ref(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k[1:] - cu_seqlens_k[:-1],
+                                   block_table, softmax_scale)
+
+    def with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal):
+        assert causal and q.dim() == 4 and q.shape[1] == 1
+        calls.append("kvcache")
+        cu_seqlens_q = torch.arange(q.shape[0] + 1, dtype=torch.int32)
+        return paged_attention_ref(q[:, 0], k_cache, v_cache, cu_seqlens_q, cache_seqlens, block_table,
+                                   softmax_scale).unsqueeze(1)
+
+    ckpt, prompts = tiny_checkpoint(), random_prompts([40, 300, 300], seed=31)
+    # 640 prompt tokens over steps of 512: the last prompt is prefilled in two chunks.
+    settings = dict(device="cpu", kvcache_block_size=256, max_num_batched_tokens=512, max_model_len=1024)
+    expected = greedy_tokens(LLM(ckpt, **settings), prompts)
+    monkeypatch.setattr(attention, "flash_attn_varlen_func", varlen)
+    monkeypatch.setattr(attention, "flash_attn_with_kvcache", with_kvcache)
+    monkeypatch.setattr(attention, "use_flash_attn", lambda q, k_cache: True)
+    assert greedy_tokens(LLM(ckpt, **settings), prompts) == expected
+    assert {"varlen", "kvcache"} <= set(calls)
