@@ -273,18 +273,22 @@ def path_for(m: int, path: str | None = None) -> str:
     return path
 
 
-def kernel_for(m: int, path: str | None = None):
-    """The autotuned kernel that serves M rows on a Triton path, and the meta-parameters the
-    wrapper fixes. ``kernel.best_config`` holds the config of its latest launch (the bench
-    records it)."""
+def select_kernel(m: int, path: str | None, gemv, dot, tiled):
+    """Of a fused op's three autotuned kernels, the one that serves M rows on a Triton path, and the
+    meta-parameters the wrapper fixes. ``kernel.best_config`` holds the config of its latest launch
+    (the bench records it)."""
     path = path_for(m, path)
     if path == "gemv":
-        return _gemv_kernel, {"BLOCK_M": triton.next_power_of_2(max(m, 1)), "GROUP_M": 1, "GEMV": True}
+        return gemv, {"BLOCK_M": triton.next_power_of_2(max(m, 1)), "GROUP_M": 1, "GEMV": True}
     if path == "dot":
-        return _decode_kernel, {"BLOCK_M": _m_bucket(m), "GROUP_M": 1, "GEMV": False}
+        return dot, {"BLOCK_M": _m_bucket(m), "GROUP_M": 1, "GEMV": False}
     if path == "tiled":
-        return _prefill_kernel, {"GEMV": False}
-    raise ValueError("the cublas path runs no rmsnorm_linear kernel")
+        return tiled, {"GEMV": False}
+    raise ValueError("the cublas path runs no fused kernel")
+
+
+def kernel_for(m: int, path: str | None = None):
+    return select_kernel(m, path, _gemv_kernel, _decode_kernel, _prefill_kernel)
 
 
 def precision(dtype: torch.dtype) -> str:

@@ -25,7 +25,7 @@ import torch
 from kernels.paged_attention import INDEX_DTYPES, _check_cache, store_kvcache_ref
 from kernels.rmsnorm import INTERPRET, check_tensors, rmsnorm_ref, tl, triton, use_triton
 from kernels.rmsnorm_linear import (_configs, _m_bucket, _norm_matmul, _tile_ids, norm_rows, path_for, precision,
-                                     rmsnorm_linear_ref)
+                                     rmsnorm_linear_ref, select_kernel)
 
 if INTERPRET:
     _GEMV_CONFIGS = _configs(("BLOCK_K",), [(16, 1, 1)])
@@ -182,16 +182,8 @@ EPILOGUE_BLOCK_M = 16  # rows per program of the cuBLAS route's epilogue kernel
 
 
 def kernel_for(m: int, path: str | None = None):
-    """The autotuned kernel that serves M rows on a Triton path (the same dispatch rule and
-    paths as ``rmsnorm_linear``), and the meta-parameters the wrapper fixes."""
-    path = path_for(m, path)
-    if path == "gemv":
-        return _gemv_kernel, {"BLOCK_M": triton.next_power_of_2(max(m, 1)), "GROUP_M": 1, "GEMV": True}
-    if path == "dot":
-        return _decode_kernel, {"BLOCK_M": _m_bucket(m), "GROUP_M": 1, "GEMV": False}
-    if path == "tiled":
-        return _prefill_kernel, {"GEMV": False}
-    raise ValueError("the cublas path runs no rmsnorm_qkv kernel")
+    """As ``rmsnorm_linear.kernel_for``: the same dispatch rule and paths."""
+    return select_kernel(m, path, _gemv_kernel, _decode_kernel, _prefill_kernel)
 
 
 def _check_args(op, x, w_folded, residual, q_norm_weight, k_norm_weight, cos_sin, positions, k_cache, v_cache,
