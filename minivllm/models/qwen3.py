@@ -2,11 +2,12 @@
 
 With ``fuse_norms`` each RMSNorm that feeds a linear (input_layernorm -> qkv,
 post_attention_layernorm -> gate_up, norm -> lm_head) is folded into that linear's weight
-and computed by ``kernels.rmsnorm_linear`` in the same pass as the matrix product
-(fusion "norm_linear"). Fusion "full" also moves what follows into those kernels'
-epilogues: QK-norm, RoPE and the KV-cache store after qkv
-(``kernels.rmsnorm_qkv_rope_store``), SiLU(gate) * up after gate_up. A decoder layer then
-runs five kernels at decode (six when attention splits its keys).
+and computed by ``kernels.rmsnorm_linear`` with the matrix product (fusion "norm_linear").
+Fusion "full" also folds what follows into those ops: QK-norm, RoPE and the KV-cache store
+after qkv (``kernels.rmsnorm_qkv_rope_store``), SiLU(gate) * up after gate_up. Which kernels
+run depends on the number of rows (``kernels.rmsnorm_linear.path_for``, chosen from H100
+measurements in kernels/NOTES.md): one fused GEMV at a single row, else a row kernel, cuBLAS
+and an epilogue kernel.
 """
 import torch
 import torch.nn.functional as F
