@@ -13,7 +13,8 @@ Writes ``<out>/kernels-<gpu slug>.json`` and prints a table. Implementations (bf
   eager_unfused       HF-style add + RMSNorm in eager torch, then F.linear (cuBLAS)
   compiled_unfused    the same under torch.compile: one fused norm kernel + cuBLAS
   full, full_<path>   fusion="full"'s kernel: for qkv, rmsnorm_qkv_rope_store (+ QK-norm, RoPE,
-                      KV-cache store); for gate_up, rmsnorm_linear with silu_mul=True
+                      KV-cache store; also full_splitk, its split-K GEMV, M <= 8); for gate_up,
+                      rmsnorm_linear with silu_mul=True
   norm_linear_chain   what fusion="norm_linear" runs for the same work: fused, then the
                       engine's QK-norm (Triton), RoPE (torch) and store_kvcache, or SiLU * up
   sweep               (--sweep) the decode kernel at M=1 on a BLOCK_N x BLOCK_K grid
@@ -43,7 +44,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 
 from kernels.paged_attention import store_kvcache
 from kernels.rmsnorm import rmsnorm, rmsnorm_ref
-from kernels.rmsnorm_qkv import rmsnorm_qkv_rope_store, rope_ref
+from kernels.rmsnorm_qkv import QKV_PATHS, rmsnorm_qkv_rope_store, rope_ref
 rl = importlib.import_module("kernels.rmsnorm_linear")  # the module (kernels exports a function of that name)
 from kernels.rmsnorm_linear import fold_rmsnorm_weight, kernel_for, launch, rmsnorm_linear, rmsnorm_linear_kernel
 from kernels.shapes import L2_BYTES, MODELS, MS, QUICK_MS, floor_us, ms_for, ops
@@ -73,12 +74,12 @@ def unfused(x, residual, gamma, w):
 compiled_unfused = torch.compile(unfused, dynamic=True)
 
 
-def paths(M):
-    """The paths that can serve M rows (the tl.dot decode kernel only up to SMALL_M)."""
+def paths(M, accepted=rl.PATHS):
+    """The paths of ``accepted`` that can serve M rows (the tl.dot decode kernel only up to SMALL_M)."""
     out = []
-    for path in rl.PATHS:
+    for path in accepted:
         try:
-            rl.path_for(M, path)
+            rl.path_for(M, path, accepted)
             out.append(path)
         except ValueError:
             pass
@@ -137,7 +138,8 @@ def full_impls(op, M):
         return rmsnorm_qkv_rope_store(s.x, s.w_folded, EPS, s.residual, norm_q, norm_k, EPS, cos_sin, positions,
                                       cache[0], cache[1], slots, path=path)
 
-    return {"full": full, **{f"full_{p}": (lambda s, p=p: full(s, p)) for p in paths(M)}, "norm_linear_chain": chain}
+    return {"full": full, **{f"full_{p}": (lambda s, p=p: full(s, p)) for p in paths(M, QKV_PATHS)},
+            "norm_linear_chain": chain}
 
 
 def make_inputs(M, op):
@@ -265,7 +267,7 @@ def print_table(rows):
                               for r in rows if r["impl"] == "fused"))
     print(f"\n{'model':<11}{'op':<8}{'M':>6}{'N':>8}{'K':>6}{'floor':>9}{'fused':>9}{'cublas':>9}"
           f"{'eager':>9}{'compiled':>9}{'fused/cublas':>13}{'fused/compiled':>15}{'full':>9}{'nl_chain':>9}"
-          + "".join(f"{p:>9}" for p in rl.PATHS) + "".join(f"{'full_' + p[:4]:>10}" for p in rl.PATHS) + "   (us)")
+          + "".join(f"{p:>9}" for p in rl.PATHS) + "".join(f"{'full_' + p[:4]:>10}" for p in QKV_PATHS) + "   (us)")
     for model, op, M, N, K, floor in keys:
         t = [us[(model, op, M, impl)] for impl in ("fused", "cublas_linear_only", "eager_unfused", "compiled_unfused")]
         full = [us.get((model, op, M, impl)) for impl in ("full", "norm_linear_chain")]
@@ -275,7 +277,7 @@ def print_table(rows):
               + "".join(f"{v:>9.2f}" if v is not None else f"{'-':>9}"
                         for v in (us.get((model, op, M, PATH_IMPL[p])) for p in rl.PATHS))
               + "".join(f"{v:>10.2f}" if v is not None else f"{'-':>10}"
-                        for v in (us.get((model, op, M, f"full_{p}")) for p in rl.PATHS)))
+                        for v in (us.get((model, op, M, f"full_{p}")) for p in QKV_PATHS)))
 
 
 def main(argv=None):
@@ -290,7 +292,7 @@ def main(argv=None):
     rl.GEMV_MAX_M, rl.CUBLAS_MIN_M = args.gemv_max_m, args.cublas_min_m
     if args.no_forced_paths:
         global paths
-        paths = lambda M: []  # noqa: E731
+        paths = lambda M, accepted=None: []  # noqa: E731
     if not torch.cuda.is_available():
         sys.exit("kernels.bench needs a CUDA GPU")
     torch.manual_seed(0)

@@ -132,12 +132,13 @@ def _tile_ids(M, num_pid_n, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _norm_matmul(
-    X, R, H, W, offs_m, w_rows, w_rows_2, mask_n, M, K, h_rows,
+    X, R, H, W, offs_m, w_rows, w_rows_2, mask_n, M, k_start, K, h_rows,
     stride_xm, stride_rm, stride_hm,
     HAS_RESIDUAL: tl.constexpr, PAIRED: tl.constexpr, PRECISION: tl.constexpr, GEMV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One pass over K: ``h = x (+ residual)``, ``acc = h @ W[w_rows].T`` (and, when PAIRED,
+    """One pass over columns [k_start, K) (split-K programs pass their slice; k_start a multiple
+    of BLOCK_K): ``h = x (+ residual)``, ``acc = h @ W[w_rows].T`` (and, when PAIRED,
     ``acc_2`` from the W rows at ``w_rows_2``, sharing every h tile) and ``sum(h ** 2)`` per row.
 
     ``w_rows``: [BLOCK_N] element offsets of the W rows. With a residual, h is also stored
@@ -153,7 +154,7 @@ def _norm_matmul(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
+    for k in range(k_start, K, BLOCK_K):
         cols = k + offs_k
         mask_k = cols < K
         mask_mk = mask_m[:, None] & mask_k[None, :]
@@ -215,7 +216,7 @@ def rmsnorm_linear_kernel(
     acc, acc_up, sumsq = _norm_matmul(
         X, R, H, W, offs_m,
         offs_n.to(tl.int64) * stride_wn, (offs_n + N).to(tl.int64) * stride_wn,
-        mask_n, M, K, tl.where(pid_n == 0, M, 0), stride_xm, stride_rm, stride_hm,
+        mask_n, M, 0, K, tl.where(pid_n == 0, M, 0), stride_xm, stride_rm, stride_hm,
         HAS_RESIDUAL, SILU_MUL, PRECISION, GEMV, BLOCK_M, BLOCK_N, BLOCK_K,
     )
 
@@ -259,16 +260,18 @@ def _m_bucket(m: int) -> int:
     return min(max(triton.next_power_of_2(m), 16), 8192)
 
 
-def path_for(m: int, path: str | None = None) -> str:
-    """The path that serves M rows: ``path`` if given (and able to serve M), else the dispatch rule."""
+def path_for(m: int, path: str | None = None, accepted=PATHS) -> str:
+    """The path that serves M rows: ``path`` if given (one of ``accepted``, and able to serve M), else
+    the dispatch rule. "splitk" (``rmsnorm_qkv``'s only) serves the GEMV rows."""
     if path is None:
         if m <= GEMV_MAX_M:
             return "gemv"
         if m >= CUBLAS_MIN_M:
             return "cublas"
         return "dot" if m <= SMALL_M else "tiled"
-    if path not in PATHS or (path == "gemv" and m > GEMV_MAX_ROWS) or (path == "dot" and m > SMALL_M):
-        raise ValueError(f"path {path!r} cannot serve M={m} (paths {PATHS}; gemv M <= {GEMV_MAX_ROWS}, "
+    if (path not in accepted or (path in ("gemv", "splitk") and m > GEMV_MAX_ROWS)
+            or (path == "dot" and m > SMALL_M)):
+        raise ValueError(f"path {path!r} cannot serve M={m} (paths {accepted}; gemv, splitk M <= {GEMV_MAX_ROWS}, "
                          f"dot M <= {SMALL_M})")
     return path
 

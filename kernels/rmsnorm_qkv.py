@@ -19,16 +19,27 @@ register epilogue:
 
 The K loop is ``rmsnorm_linear``'s (``_norm_matmul``), with BLOCK_N = head_dim. The same
 kernel serves decode (one row block, programs = heads) and prefill (tiled, grouped order).
+
+Split-K (``path="splitk"``, M <= GEMV_MAX_ROWS, opt-in until measured): SPLIT_K programs per head,
+each over a slice of K, publish fp32 partials (acc and the sum of squares) to a workspace and take
+a ticket from the head's counter; the last to arrive sums the partials, runs the epilogue and
+resets the counter to 0, so the next launch (or CUDA-graph replay) needs no host work. Workspace
+and counters are allocated once per (device, heads, head_dim) and shared by every call: launches
+must be ordered on one stream, and the first call (autotuning) must come before graph capture.
 """
 import torch
 
 from kernels.paged_attention import INDEX_DTYPES, _check_cache, store_kvcache_ref
 from kernels.rmsnorm import INTERPRET, check_tensors, rmsnorm_ref, tl, triton, use_triton
-from kernels.rmsnorm_linear import (_configs, _m_bucket, _norm_matmul, _tile_ids, norm_rows, path_for, precision,
-                                     rmsnorm_linear_ref, select_kernel)
+from kernels.rmsnorm_linear import (GEMV_MAX_ROWS, PATHS, _configs, _m_bucket, _norm_matmul, _tile_ids, norm_rows,
+                                     path_for, precision, rmsnorm_linear_ref, select_kernel)
+
+QKV_PATHS = PATHS + ("splitk",)
 
 if INTERPRET:
     _GEMV_CONFIGS = _configs(("BLOCK_K",), [(16, 1, 1)])
+    # K = 40 in the tests: slices of 16, 16 and 8 columns.
+    _SPLITK_CONFIGS = _configs(("BLOCK_K", "SPLIT_K"), [(16, 3, 1, 1)])
     _DECODE_CONFIGS = _configs(("BLOCK_K",), [(32, 1, 1)])
     _PREFILL_CONFIGS = _configs(("BLOCK_M", "BLOCK_K", "GROUP_M"), [(32, 32, 2, 1, 1)])
 else:
@@ -43,6 +54,18 @@ else:
         (32, 4, 4),
         (64, 16, 4),  # M = 4
         (32, 16, 4),  # M = 8
+    ])
+    # Split-K: heads x SPLIT_K programs (0.6B: 128-512 for 132 SMs), each streaming a
+    # 128 x K / SPLIT_K slice of W (64 KB at K = 1024, SPLIT_K = 4); same register prune as GEMV.
+    _SPLITK_CONFIGS = _configs(("BLOCK_K", "SPLIT_K"), [
+        (64, 4, 4, 4),
+        (128, 4, 8, 3),
+        (64, 8, 4, 2),
+        (128, 8, 8, 2),
+        (64, 16, 4, 1),
+        (32, 8, 4, 4),  # M = 2
+        (32, 8, 8, 4),  # M = 4
+        (16, 8, 8, 4),  # M = 8
     ])
     # BLOCK_N is the head (128 for Qwen3): a W tile is BLOCK_K x 128, 16-64 KB per stage.
     _DECODE_CONFIGS = _configs(("BLOCK_K",), [
@@ -110,8 +133,36 @@ def _qkv_epilogue(
 
 
 @triton.jit
+def _split_k_sum(acc, sumsq, head, split, PARTIALS, SUMSQ, TICKETS,
+                 SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Publish this program's partial ``acc`` [BLOCK_M, HEAD_DIM] and ``sumsq`` [BLOCK_M]; returns
+    the sums over the head's SPLIT_K programs and whether this program arrived last (only then are
+    the sums complete). The last one also re-arms the head's ticket for the next launch."""
+    rows = tl.arange(0, BLOCK_M)
+    first = head * SPLIT_K * BLOCK_M  # this head's rows of the workspace: [SPLIT_K, BLOCK_M]
+    tile = rows[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+    tl.store(PARTIALS + (first + split * BLOCK_M) * HEAD_DIM + tile, acc)
+    tl.store(SUMSQ + first + split * BLOCK_M + rows, sumsq)
+    # All threads' stores before the ticket: bar.sync, then the atomic's release (GPU scope).
+    tl.debug_barrier()
+    ticket = tl.atomic_add(TICKETS + head, 1, sem="acq_rel")
+    tl.debug_barrier()  # the acquire (one thread) before any thread's loads
+    is_last = ticket == SPLIT_K - 1
+    load_rows = rows < tl.where(is_last, BLOCK_M, 0)  # all rows or none (a tensor mask, for the interpreter)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        # .cg: the other programs' partials are in L2; this SM's L1 may hold none or stale lines.
+        acc += tl.load(PARTIALS + (first + s * BLOCK_M) * HEAD_DIM + tile, mask=load_rows[:, None], other=0.0,
+                       cache_modifier=".cg")
+        sumsq += tl.load(SUMSQ + first + s * BLOCK_M + rows, mask=load_rows, other=0.0, cache_modifier=".cg")
+    tl.store(TICKETS + head, 0, mask=is_last)  # every program of this launch has taken its ticket
+    return acc, sumsq, is_last
+
+
+@triton.jit
 def rmsnorm_qkv_kernel(
-    X, R, H, W, Q, KC, VC, SLOTS, POS, COS_SIN, QW, KW,
+    X, R, H, W, Q, KC, VC, SLOTS, POS, COS_SIN, QW, KW, PARTIALS, SUMSQ, TICKETS,
     M, K, M_BUCKET,  # M_BUCKET: only read by the autotuners' keys
     num_q_heads, num_kv_heads,
     stride_xm, stride_rm, stride_hm, stride_wn, stride_qm, stride_qh,
@@ -119,24 +170,34 @@ def rmsnorm_qkv_kernel(
     eps, qk_eps,
     HAS_RESIDUAL: tl.constexpr, PRECISION: tl.constexpr, GEMV: tl.constexpr,
     HEAD_DIM: tl.constexpr, CACHE_BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     num_heads = num_q_heads + 2 * num_kv_heads  # qkv columns: q heads, k heads, v heads
     pid_m, head = _tile_ids(M, num_heads, BLOCK_M, GROUP_M)
+    # K slice of this program (grid axis 1, SPLIT_K wide): whole BLOCK_K tiles, the last slice short
+    # or empty. Head 0's programs write h, each for its own slice, so every h element once.
+    split = tl.program_id(1)
+    k_slice = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_start = split * k_slice
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = head * HEAD_DIM + tl.arange(0, HEAD_DIM)
     w_rows = offs_n.to(tl.int64) * stride_wn
     acc, _, sumsq = _norm_matmul(
-        X, R, H, W, offs_m, w_rows, w_rows, offs_n < num_heads * HEAD_DIM, M, K, tl.where(head == 0, M, 0),
-        stride_xm, stride_rm, stride_hm,
+        X, R, H, W, offs_m, w_rows, w_rows, offs_n < num_heads * HEAD_DIM, M, k_start,
+        tl.minimum(k_start + k_slice, K), tl.where(head == 0, M, 0), stride_xm, stride_rm, stride_hm,
         HAS_RESIDUAL, False, PRECISION, GEMV, BLOCK_M, HEAD_DIM, BLOCK_K,
     )
-    # q and k skip r; their eps is scaled by 1 / r**2 = mean(h**2) + eps instead (exact).
-    mean_sq = sumsq / K
-    _qkv_epilogue(acc, head, offs_m, M, tl.rsqrt(mean_sq + eps), qk_eps * (mean_sq + eps),
-                  Q, KC, VC, SLOTS, POS, COS_SIN, QW, KW, num_q_heads, num_kv_heads,
-                  stride_qm, stride_qh, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-                  stride_cs, HEAD_DIM, CACHE_BLOCK, BLOCK_M)
+    is_last = True
+    if SPLIT_K > 1:
+        acc, sumsq, is_last = _split_k_sum(acc, sumsq, head, split, PARTIALS, SUMSQ, TICKETS,
+                                           SPLIT_K, BLOCK_M, HEAD_DIM)
+    if is_last:
+        # q and k skip r; their eps is scaled by 1 / r**2 = mean(h**2) + eps instead (exact).
+        mean_sq = sumsq / K
+        _qkv_epilogue(acc, head, offs_m, M, tl.rsqrt(mean_sq + eps), qk_eps * (mean_sq + eps),
+                      Q, KC, VC, SLOTS, POS, COS_SIN, QW, KW, num_q_heads, num_kv_heads,
+                      stride_qm, stride_qh, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                      stride_cs, HEAD_DIM, CACHE_BLOCK, BLOCK_M)
 
 
 @triton.jit
@@ -176,14 +237,34 @@ def _fits_registers(configs, named_args, **meta):
 _KEY = ["M_BUCKET", "num_q_heads", "num_kv_heads", "K", "HAS_RESIDUAL"]
 _PRUNE = {"early_config_prune": _fits_registers}
 _gemv_kernel = triton.autotune(configs=_GEMV_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(rmsnorm_qkv_kernel)
+_splitk_kernel = triton.autotune(configs=_SPLITK_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(rmsnorm_qkv_kernel)
 _decode_kernel = triton.autotune(configs=_DECODE_CONFIGS, key=_KEY)(rmsnorm_qkv_kernel)
 _prefill_kernel = triton.autotune(configs=_PREFILL_CONFIGS, key=_KEY)(rmsnorm_qkv_kernel)
 EPILOGUE_BLOCK_M = 16  # rows per program of the cuBLAS route's epilogue kernel
 
 
 def kernel_for(m: int, path: str | None = None):
-    """As ``rmsnorm_linear.kernel_for``: the same dispatch rule and paths."""
-    return select_kernel(m, path, _gemv_kernel, _decode_kernel, _prefill_kernel)
+    """As ``rmsnorm_linear.kernel_for`` (the same dispatch rule), plus "splitk"."""
+    if path_for(m, path, QKV_PATHS) == "splitk":
+        return _splitk_kernel, {"BLOCK_M": triton.next_power_of_2(m), "GROUP_M": 1, "GEMV": True}
+    kernel, meta = select_kernel(m, path, _gemv_kernel, _decode_kernel, _prefill_kernel)
+    return kernel, {**meta, "SPLIT_K": 1}
+
+
+_SPLITK_BUFFERS = {}
+
+
+def _splitk_buffers(device, num_heads, head_dim):
+    """(partials, sums of squares, tickets): the split-K workspace, sized for any config and M, and
+    one int32 ticket per head, zeroed once here and re-armed by the kernel. Allocated on the first
+    call and reused, so CUDA graphs captured after it replay with the same buffers."""
+    key = (device, num_heads, head_dim)
+    if key not in _SPLITK_BUFFERS:
+        rows = num_heads * max(c.kwargs["SPLIT_K"] for c in _SPLITK_CONFIGS) * GEMV_MAX_ROWS
+        _SPLITK_BUFFERS[key] = (torch.empty(rows * head_dim, dtype=torch.float32, device=device),
+                                torch.empty(rows, dtype=torch.float32, device=device),
+                                torch.zeros(num_heads, dtype=torch.int32, device=device))
+    return _SPLITK_BUFFERS[key]
 
 
 def _check_args(op, x, w_folded, residual, q_norm_weight, k_norm_weight, cos_sin, positions, k_cache, v_cache,
@@ -240,8 +321,9 @@ def rmsnorm_qkv_rope_store(
     ``q = rope(q_norm(q))``, ``k = rope(k_norm(k))`` with ``cos_sin`` [max_position, D] (cos
     then sin, fp32) at ``positions`` [M]; k, v written to the ``[blocks, block_size, Hkv, D]``
     caches at ``slot_mapping`` [M] (-1: skipped). With a residual returns ``(q, h)``.
-    ``path``: as in ``rmsnorm_linear``; None takes "cublas", the unfused route (measured fastest):
-    row kernel, cuBLAS qkv, then ``qkv_epilogue_kernel``.
+    ``path``: as in ``rmsnorm_linear``, plus "splitk" (M <= GEMV_MAX_ROWS, module docstring); None
+    takes "cublas", the unfused route (measured fastest): row kernel, cuBLAS qkv, then
+    ``qkv_epilogue_kernel``.
     """
     op = "rmsnorm_qkv_rope_store"
     # H100 (run 3, NOTES.md): one head per program leaves most SMs idle at small M (0.6B qkv at M = 1:
@@ -256,7 +338,7 @@ def rmsnorm_qkv_rope_store(
     num_kv_heads, head_dim = k_cache.shape[2:]
     q = torch.empty((m, num_q_heads, head_dim), dtype=x.dtype, device=x.device)
     h = torch.empty_like(x) if residual is not None else None
-    path = path_for(m, path)
+    path = path_for(m, path, QKV_PATHS)
     cache_args = (*k_cache.stride()[:3], *v_cache.stride()[:3], cos_sin.stride(0))
     if m > 0 and path == "cublas":
         normed, h_route, _ = norm_rows(x, residual, eps)
@@ -272,13 +354,15 @@ def rmsnorm_qkv_rope_store(
         )
     elif m > 0:
         kernel, meta = kernel_for(m, path)
+        num_heads = num_q_heads + 2 * num_kv_heads
+        split_k_buffers = _splitk_buffers(x.device, num_heads, head_dim) if path == "splitk" else (None,) * 3
 
         def grid(cfg):
-            return (triton.cdiv(m, cfg["BLOCK_M"]) * (num_q_heads + 2 * num_kv_heads),)
+            return (triton.cdiv(m, cfg["BLOCK_M"]) * num_heads, cfg["SPLIT_K"])
 
         kernel[grid](
             x, residual, h, w_folded, q, k_cache, v_cache, slot_mapping, positions, cos_sin,
-            q_norm_weight, k_norm_weight,
+            q_norm_weight, k_norm_weight, *split_k_buffers,
             m, k, _m_bucket(m), num_q_heads, num_kv_heads,
             x.stride(0), residual.stride(0) if residual is not None else 0, h.stride(0) if h is not None else 0,
             w_folded.stride(0), q.stride(0), q.stride(1), *cache_args,

@@ -22,6 +22,8 @@ from kernels import (  # noqa: E402
     rmsnorm_qkv_rope_store_ref,
 )
 from kernels.rmsnorm import HAVE_TRITON, use_triton  # noqa: E402
+from kernels.rmsnorm_linear import GEMV_MAX_ROWS, path_for  # noqa: E402
+from kernels.rmsnorm_qkv import QKV_PATHS  # noqa: E402
 from minivllm.layers.rotary import RotaryEmbedding  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -95,9 +97,9 @@ MAX_POSITION = 300
 QK_EPS = 0.1
 
 
-def make_qkv_case(M, head_dim, num_q_heads, num_kv_heads, dtype, K=40):
+def make_qkv_case(M, head_dim, num_q_heads, num_kv_heads, dtype, K=40, seed=0):
     """Inputs of one call: slots spread over shuffled cache blocks, a few rows with slot -1."""
-    torch.manual_seed(M * 1000 + head_dim * 10 + num_q_heads)
+    torch.manual_seed(seed * 100000 + M * 1000 + head_dim * 10 + num_q_heads)
     n = (num_q_heads + 2 * num_kv_heads) * head_dim
     num_blocks = M // CACHE_BLOCK + 3
     slots = torch.randperm(num_blocks * CACHE_BLOCK)[:M]
@@ -202,6 +204,29 @@ def test_rmsnorm_qkv_rope_store_rejects_bad_inputs():
     for change, match in bad:
         with pytest.raises(ValueError, match=match):
             rmsnorm_qkv_rope_store(**{"residual": None, **case, **change})
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M,head_dim,num_q_heads,num_kv_heads,K,with_residual", [
+    (1, 16, 4, 2, 40, True),  # SPLIT_K = 3 slices of 16, 16, 8 columns (interpreter BLOCK_K = 16); GQA
+    (3, 32, 2, 2, 72, False),  # slices 32, 32, 8; no GQA; 3 rows in a 4-row block
+    (1, 16, 6, 1, 20, False),  # slices 16, 4 and an empty one; one KV head
+])
+def test_split_k_path_twice(M, head_dim, num_q_heads, num_kv_heads, K, with_residual, dtype):
+    # Each head's sum is only complete in the program that takes the last ticket; a second call on
+    # fresh inputs runs no epilogue at all (q stays NaN) unless that program reset the tickets.
+    for seed in range(2):
+        case = make_qkv_case(M, head_dim, num_q_heads, num_kv_heads, dtype, K=K, seed=seed)
+        check_qkv({**case, "path": "splitk"}, randn(M, K, dtype=dtype) if with_residual else None)
+
+
+def test_split_k_path_serves_qkv_gemv_rows_only():
+    assert path_for(GEMV_MAX_ROWS, "splitk", QKV_PATHS) == "splitk"
+    with pytest.raises(ValueError, match="splitk"):
+        path_for(GEMV_MAX_ROWS + 1, "splitk", QKV_PATHS)
+    with pytest.raises(ValueError, match="splitk"):
+        path_for(1, "splitk")  # rmsnorm_linear has no split-K kernel
 
 
 # ------------------------------------------------------------------------- in the engine
