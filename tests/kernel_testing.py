@@ -10,7 +10,14 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EPS = 1e-6
+# Kernels and references compute in fp32, whose rsqrt may be off by an ulp or two for a whole
+# row: error bounds allow that much on top of their factor.
+SLACK = 4 * torch.finfo(torch.float32).eps
 
 
 def select_interpreter():
@@ -23,6 +30,28 @@ def rerun_in_interpreter(test_file: str):
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "not gpu", "-p", "no:cacheprovider", test_file],
                          cwd=root, env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+
+
+def kernel_test_setup(test_file: str):
+    """For a module of kernel tests, after it imported ``kernels``: whether the kernels run here
+    (on the GPU, or under the interpreter), the ``runs_kernels`` skip mark (without it a CPU run
+    would compare the torch reference with itself), and the test that reruns the module in a
+    fresh interpreter process when they do not."""
+    from kernels.rmsnorm import HAVE_TRITON, use_triton
+    on_triton = use_triton(torch.empty(0, device=DEVICE))
+    runs_kernels = pytest.mark.skipif(not on_triton, reason="kernels would run their torch references here; "
+                                                            "test_cpu_kernels_in_fresh_process runs this test")
+
+    def test_cpu_kernels_in_fresh_process():
+        if on_triton or not HAVE_TRITON:
+            pytest.skip("the kernel tests run in this process" if on_triton else "Triton is not installed")
+        rerun_in_interpreter(test_file)
+
+    return on_triton, runs_kernels, test_cpu_kernels_in_fresh_process
+
+
+def rel_err(y: torch.Tensor, exact: torch.Tensor) -> float:
+    return ((y.double() - exact).norm() / exact.norm()).item()
 
 
 def poisoned(fn, *args, **kwargs):

@@ -10,7 +10,8 @@ sentinel values, so stores to the wrong slot, to slot -1 or not at all show up.
 import pytest
 import torch
 
-from tests.kernel_testing import poisoned, rerun_in_interpreter, select_interpreter
+from tests.kernel_testing import (DEVICE, EPS, SLACK, kernel_test_setup, poisoned, rel_err,
+                                  select_interpreter)
 
 select_interpreter()
 
@@ -21,27 +22,11 @@ from kernels import (  # noqa: E402
     rmsnorm_qkv_rope_store,
     rmsnorm_qkv_rope_store_ref,
 )
-from kernels.rmsnorm import HAVE_TRITON, use_triton  # noqa: E402
 from kernels.rmsnorm_linear import GEMV_MAX_ROWS, path_for  # noqa: E402
 from kernels.rmsnorm_qkv import QKV_PATHS  # noqa: E402
 from minivllm.layers.rotary import RotaryEmbedding  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-EPS = 1e-6
-SLACK = 4 * torch.finfo(torch.float32).eps  # an ulp or two of fp32 rsqrt over a whole row
-ON_TRITON = use_triton(torch.empty(0, device=DEVICE))
-runs_kernels = pytest.mark.skipif(not ON_TRITON, reason="kernels would run their torch references here; "
-                                                        "test_cpu_kernels_in_fresh_process runs this test")
-
-
-def test_cpu_kernels_in_fresh_process():
-    if ON_TRITON or not HAVE_TRITON:
-        pytest.skip("the kernel tests run in this process" if ON_TRITON else "Triton is not installed")
-    rerun_in_interpreter(__file__)
-
-
-def rel_err(y, exact):
-    return ((y.double() - exact).norm() / exact.norm()).item()
+ON_TRITON, runs_kernels, test_cpu_kernels_in_fresh_process = kernel_test_setup(__file__)
 
 
 def assert_no_worse(y, baseline, exact, what, factor=1.1):

@@ -12,7 +12,8 @@ fails the test.
 import pytest
 import torch
 
-from tests.kernel_testing import poisoned, rerun_in_interpreter, select_interpreter
+from tests.kernel_testing import (DEVICE, EPS, SLACK, kernel_test_setup, poisoned, rel_err,
+                                  select_interpreter)
 
 select_interpreter()
 
@@ -24,30 +25,10 @@ from kernels import (  # noqa: E402
     rmsnorm_linear_ref,
     rmsnorm_ref,
 )
-from kernels.rmsnorm import HAVE_TRITON, use_triton  # noqa: E402
 from kernels.rmsnorm_linear import path_for  # noqa: E402
 from kernels.shapes import MODELS, TEST_MS, TEST_NKS, ms_for, ops  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-EPS = 1e-6
-# Kernels and references compute in fp32, whose rsqrt may be off by an ulp or two for a
-# whole row: allow that much relative error on top of the 1.1x factor.
-SLACK = 4 * torch.finfo(torch.float32).eps
-
-ON_TRITON = use_triton(torch.empty(0, device=DEVICE))
-# Without this, a CPU run would compare the torch reference with itself.
-runs_kernels = pytest.mark.skipif(not ON_TRITON, reason="kernels would run their torch references here; "
-                                                        "test_cpu_kernels_in_fresh_process runs this test")
-
-
-def test_cpu_kernels_in_fresh_process():
-    if ON_TRITON or not HAVE_TRITON:
-        pytest.skip("the kernel tests run in this process" if ON_TRITON else "Triton is not installed")
-    rerun_in_interpreter(__file__)
-
-
-def rel_err(y: torch.Tensor, exact: torch.Tensor) -> float:
-    return ((y.double() - exact).norm() / exact.norm()).item()
+ON_TRITON, runs_kernels, test_cpu_kernels_in_fresh_process = kernel_test_setup(__file__)
 
 
 def assert_no_worse(y, baseline, exact, slack, factor=1.1):
