@@ -224,7 +224,7 @@ class ModelRunner:
         done = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in zip(seqs, num_new)]
         if not any(done):
             return [None] * len(seqs)
-        tokens = self.sampler(logits.float(), *self.sampling_inputs(seqs)).tolist()
+        tokens = self.sampler(logits, *self.sampling_inputs(seqs)).tolist()
         return [t if d else None for t, d in zip(tokens, done)]
 
     # ---- CUDA graphs ----------------------------------------------------------------
