@@ -1,13 +1,13 @@
 """Triton kernels for minivllm: RMSNorm, residual-add + RMSNorm, RMSNorm fused into the
 following linear layer (weight folded once at load time; optionally with SwiGLU's
 SiLU(gate) * up in the epilogue), and the qkv projection fused with QK-norm, RoPE and the
-paged KV-cache store.
+paged KV-cache store; a no-norm GEMV ``linear`` for the decode step's other projections.
 
 Only torch is needed to import this package: without Triton (or on CPU tensors without
 ``TRITON_INTERPRET=1``) every op runs its plain-torch reference; CUDA tensors then raise.
 """
 from kernels.rmsnorm import add_rmsnorm, add_rmsnorm_ref, rmsnorm, rmsnorm_ref
-from kernels.rmsnorm_linear import fold_rmsnorm_weight, rmsnorm_linear, rmsnorm_linear_ref
+from kernels.rmsnorm_linear import fold_rmsnorm_weight, linear, rmsnorm_linear, rmsnorm_linear_ref
 from kernels.rmsnorm_qkv import rmsnorm_qkv_rope_store, rmsnorm_qkv_rope_store_ref, rope_ref
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "add_rmsnorm",
     "fold_rmsnorm_weight",
     "rmsnorm_linear",
+    "linear",
     "rmsnorm_qkv_rope_store",
     "rmsnorm_ref",
     "add_rmsnorm_ref",

@@ -19,6 +19,9 @@ Writes ``<out>/kernels-<gpu slug>.json`` and prints a table. Implementations (bf
                       engine's QK-norm (Triton), RoPE (torch) and store_kvcache, or SiLU * up
   sweep               (--sweep) the decode kernel at M=1 on a BLOCK_N x BLOCK_K grid
 
+And the projections with no norm before them (o_proj, down): ``kernels.linear`` as dispatched
+(fused), its GEMV kernel forced (fused_gemv) and cuBLAS (cublas_linear_only).
+
 Times are medians of ``triton.testing.do_bench_cudagraph`` (launch overhead excluded).
 Inputs are random; when one set of inputs would fit in L2 several sets are rotated so
 each call reads W from HBM, as in a real forward pass.
@@ -46,8 +49,9 @@ from kernels.paged_attention import store_kvcache
 from kernels.rmsnorm import rmsnorm, rmsnorm_ref
 from kernels.rmsnorm_qkv import QKV_PATHS, rmsnorm_qkv_rope_store, rope_ref
 rl = importlib.import_module("kernels.rmsnorm_linear")  # the module (kernels exports a function of that name)
-from kernels.rmsnorm_linear import fold_rmsnorm_weight, kernel_for, launch, rmsnorm_linear, rmsnorm_linear_kernel
-from kernels.shapes import L2_BYTES, MODELS, MS, QUICK_MS, floor_us, ms_for, ops
+from kernels.rmsnorm_linear import (fold_rmsnorm_weight, kernel_for, launch, linear, rmsnorm_linear,
+                                    rmsnorm_linear_kernel)
+from kernels.shapes import L2_BYTES, MODELS, MS, QUICK_MS, floor_us, linear_ops, ms_for, ops
 
 EPS = 1e-6
 DTYPE = torch.bfloat16
@@ -74,10 +78,13 @@ def unfused(x, residual, gamma, w):
 compiled_unfused = torch.compile(unfused, dynamic=True)
 
 
+FORCED_PATHS = set(QKV_PATHS)  # --paths narrows the forced-path columns
+
+
 def paths(M, accepted=rl.PATHS):
     """The paths of ``accepted`` that can serve M rows (the tl.dot decode kernel only up to SMALL_M)."""
     out = []
-    for path in accepted:
+    for path in (p for p in accepted if p in FORCED_PATHS):
         try:
             rl.path_for(M, path, accepted)
             out.append(path)
@@ -185,11 +192,11 @@ def config_dict(config, fixed_meta):
     return {**config.kwargs, **fixed_meta, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
-def row(op, M, impl, us, err=None, config=None):
+def row(op, M, impl, us, err=None, config=None, residual=True):
     return {
         "op": op.op, "model": op.model, "M": M, "N": op.N, "K": op.K, "dtype": "bf16", "impl": impl,
         "us_median": us,
-        "floor_us": floor_us(M, op.N, op.K),
+        "floor_us": floor_us(M, op.N, op.K, residual),
         "rel_err_vs_fp64": err,
         "achieved_weight_TBps": op.N * op.K * DTYPE.itemsize / (us * 1e-6) / 1e12 if us else None,
         "config": config,
@@ -213,6 +220,25 @@ def bench_op(op, M, rep):
                 kernel, fixed_meta = kernel_for(M, fused_path)
                 config.update(config_dict(kernel.best_config, fixed_meta))
         rows.append(row(op, M, impl, time_us(call, sets, rep), err, config))
+    return rows
+
+
+def bench_linear(op, M, rep):
+    """A projection with no norm: kernels.linear as dispatched, its GEMV kernel forced, cuBLAS."""
+    sets = make_inputs(M, op)
+    gemv, gemv_meta = kernel_for(M, "gemv") if M <= rl.GEMV_MAX_ROWS else (None, None)
+    calls = {"fused": lambda s: linear(s.x, s.w),
+             **({"fused_gemv": lambda s: launch(gemv, s.x, s.w, EPS, None, op.N, **gemv_meta)}
+                if gemv and "gemv" in FORCED_PATHS else {}),
+             "cublas_linear_only": lambda s: torch.nn.functional.linear(s.x, s.w)}
+    exact = sets[0].x[:ERR_ROWS].double() @ sets[0].w.double().T
+    rows = []
+    for impl, call in calls.items():
+        err = rel_err(call(sets[0]), exact)  # also the warm-up (autotuning)
+        config = None
+        if impl == "fused_gemv" or (impl == "fused" and rl.path_for(M) == "gemv"):
+            config = {"path": "gemv", **config_dict(gemv.best_config, gemv_meta)}
+        rows.append(row(op, M, impl, time_us(call, sets, rep), err, config, residual=False))
     return rows
 
 
@@ -264,7 +290,7 @@ def git_commit():
 def print_table(rows):
     us = {(r["model"], r["op"], r["M"], r["impl"]): r["us_median"] for r in rows}
     keys = list(dict.fromkeys((r["model"], r["op"], r["M"], r["N"], r["K"], r["floor_us"])
-                              for r in rows if r["impl"] == "fused"))
+                              for r in rows if r["impl"] == "fused" and (r["model"], r["op"], r["M"], "eager_unfused") in us))
     print(f"\n{'model':<11}{'op':<8}{'M':>6}{'N':>8}{'K':>6}{'floor':>9}{'fused':>9}{'cublas':>9}"
           f"{'eager':>9}{'compiled':>9}{'fused/cublas':>13}{'fused/compiled':>15}{'full':>9}{'nl_chain':>9}"
           + "".join(f"{p:>9}" for p in rl.PATHS) + "".join(f"{'full_' + p[:4]:>10}" for p in QKV_PATHS) + "   (us)")
@@ -278,6 +304,12 @@ def print_table(rows):
                         for v in (us.get((model, op, M, PATH_IMPL[p])) for p in rl.PATHS))
               + "".join(f"{v:>10.2f}" if v is not None else f"{'-':>10}"
                         for v in (us.get((model, op, M, f"full_{p}")) for p in QKV_PATHS)))
+    print(f"\n{'model':<11}{'linear':<8}{'M':>6}{'N':>8}{'K':>6}{'floor':>9}{'fused':>9}{'gemv':>9}{'cublas':>9}   (us)")
+    for r in rows:
+        if r["impl"] == "fused" and (r["model"], r["op"], r["M"], "eager_unfused") not in us:
+            t = [us.get((r["model"], r["op"], r["M"], impl)) for impl in ("fused", "fused_gemv", "cublas_linear_only")]
+            print(f"{r['model']:<11}{r['op']:<8}{r['M']:>6}{r['N']:>8}{r['K']:>6}{r['floor_us']:>9.2f}"
+                  + "".join(f"{v:>9.2f}" if v is not None else f"{'-':>9}" for v in t))
 
 
 def main(argv=None):
@@ -287,22 +319,26 @@ def main(argv=None):
     parser.add_argument("--out", default="data/results", help="output folder")
     parser.add_argument("--gemv-max-m", type=int, default=rl.GEMV_MAX_M, help="dispatch: GEMV up to this M")
     parser.add_argument("--cublas-min-m", type=int, default=rl.CUBLAS_MIN_M, help="dispatch: cuBLAS route from this M")
-    parser.add_argument("--no-forced-paths", action="store_true", help="time only the dispatched path per shape")
+    parser.add_argument("--paths", type=lambda v: set(v.split(",")) if v else set(), default=set(QKV_PATHS),
+                        help=f"forced paths to time besides the dispatched one (comma-separated, of {QKV_PATHS}; "
+                             "empty: none)")
+    parser.add_argument("--ms", type=lambda v: tuple(int(m) for m in v.split(",")),
+                        help="comma-separated M values (overrides --quick's)")
+    parser.add_argument("--tag", default="", help="suffix of the result file's benchmark name, e.g. -decode")
     args = parser.parse_args(argv)
     rl.GEMV_MAX_M, rl.CUBLAS_MIN_M = args.gemv_max_m, args.cublas_min_m
-    if args.no_forced_paths:
-        global paths
-        paths = lambda M, accepted=None: []  # noqa: E731
+    FORCED_PATHS.intersection_update(args.paths)
     if not torch.cuda.is_available():
         sys.exit("kernels.bench needs a CUDA GPU")
     torch.manual_seed(0)
     rep = 10 if args.quick else 20
     start = time.time()
     rows = []
+    ms = args.ms or (QUICK_MS if args.quick else MS)
     for model in MODELS:
-        for op in ops(model):
-            for M in ms_for(op, QUICK_MS if args.quick else MS):
-                op_rows = bench_op(op, M, rep)
+        for op, bench in [(op, bench_op) for op in ops(model)] + [(op, bench_linear) for op in linear_ops(model)]:
+            for M in ms_for(op, ms):
+                op_rows = bench(op, M, rep)
                 rows += op_rows
                 fused = op_rows[0]
                 print(f"{time.time() - start:6.0f}s {op.model} {op.op} M={M}: fused {fused['us_median']:.2f} us "
@@ -312,7 +348,7 @@ def main(argv=None):
         rows += sweep(rep)
     hw = hardware()
     result = {
-        "benchmark": "kernels",
+        "benchmark": "kernels" + args.tag,
         "hardware": hw,
         "git_commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -320,7 +356,7 @@ def main(argv=None):
         "dispatch": {"GEMV_MAX_M": rl.GEMV_MAX_M, "CUBLAS_MIN_M": rl.CUBLAS_MIN_M, "SMALL_M": rl.SMALL_M},
         "rows": rows,
     }
-    out = Path(args.out) / f"kernels-{re.sub(r'[^a-z0-9]+', '-', hw['gpu'].lower()).strip('-')}.json"
+    out = Path(args.out) / f"kernels{args.tag}-{re.sub(r'[^a-z0-9]+', '-', hw['gpu'].lower()).strip('-')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print_table(rows)

@@ -262,10 +262,10 @@ def _m_bucket(m: int) -> int:
 
 def path_for(m: int, path: str | None = None, accepted=PATHS) -> str:
     """The path that serves M rows: ``path`` if given (one of ``accepted``, and able to serve M), else
-    the dispatch rule. "splitk" (``rmsnorm_qkv``'s only) serves the GEMV rows."""
+    the dispatch rule. "splitk" (``rmsnorm_qkv``'s only) serves the GEMV rows, and takes them where accepted."""
     if path is None:
         if m <= GEMV_MAX_M:
-            return "gemv"
+            return "splitk" if "splitk" in accepted else "gemv"
         if m >= CUBLAS_MIN_M:
             return "cublas"
         return "dot" if m <= SMALL_M else "tiled"
@@ -372,6 +372,21 @@ def rmsnorm_linear(
         return cublas_route(x, w_folded, eps, residual, rms_cols_start, silu_mul)
     kernel, meta = kernel_for(x.shape[0], path)
     return launch(kernel, x, w_folded, eps, residual, rms_cols_start, silu_mul, **meta)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w.T`` [M, N] with no norm: the GEMV kernel for M <= GEMV_MAX_M (with
+    ``rms_cols_start = N`` every column skips the rms factor), else ``F.linear`` (cuBLAS).
+    fusion="full" runs o_proj and down_proj through it: at M = 1 cuBLAS splits their long K
+    into two kernels (split-K GEMM + reduce), the GEMV is one. x, w: same dtype and device,
+    contiguous in K."""
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1] or x.shape[1] == 0:
+        raise ValueError(f"linear: x {tuple(x.shape)} must be [M, K] and w {tuple(w.shape)} [N, K], K > 0")
+    check_tensors("linear", x=x, w=w)
+    if not use_triton(x) or path_for(x.shape[0]) != "gemv":
+        return torch.nn.functional.linear(x, w)
+    kernel, meta = kernel_for(x.shape[0], "gemv")
+    return launch(kernel, x, w, 0.0, None, w.shape[0], **meta)
 
 
 def norm_rows(x, residual, eps, want_rstd=False):

@@ -20,7 +20,7 @@ register epilogue:
 The K loop is ``rmsnorm_linear``'s (``_norm_matmul``), with BLOCK_N = head_dim. The same
 kernel serves decode (one row block, programs = heads) and prefill (tiled, grouped order).
 
-Split-K (``path="splitk"``, M <= GEMV_MAX_ROWS, opt-in until measured): SPLIT_K programs per head,
+Split-K (``path="splitk"``, M <= GEMV_MAX_ROWS; the dispatch's choice at M <= GEMV_MAX_M): SPLIT_K programs per head,
 each over a slice of K, publish fp32 partials (acc and the sum of squares) to a workspace and take
 a ticket from the head's counter; the last to arrive sums the partials, runs the epilogue and
 resets the counter to 0, so the next launch (or CUDA-graph replay) needs no host work. Workspace
@@ -321,14 +321,12 @@ def rmsnorm_qkv_rope_store(
     ``q = rope(q_norm(q))``, ``k = rope(k_norm(k))`` with ``cos_sin`` [max_position, D] (cos
     then sin, fp32) at ``positions`` [M]; k, v written to the ``[blocks, block_size, Hkv, D]``
     caches at ``slot_mapping`` [M] (-1: skipped). With a residual returns ``(q, h)``.
-    ``path``: as in ``rmsnorm_linear``, plus "splitk" (M <= GEMV_MAX_ROWS, module docstring); None
-    takes "cublas", the unfused route (measured fastest): row kernel, cuBLAS qkv, then
-    ``qkv_epilogue_kernel``.
+    ``path``: as in ``rmsnorm_linear``, plus "splitk" (M <= GEMV_MAX_ROWS, module docstring). None
+    dispatches as ``rmsnorm_linear`` does, with "splitk" for the GEMV rows: H100 (NOTES.md) one head
+    per program (path "gemv") leaves most SMs idle (0.6B qkv, M = 1: 18.4 us, against 10.1 us for
+    "cublas", the unfused route: row kernel, cuBLAS qkv, then ``qkv_epilogue_kernel``).
     """
     op = "rmsnorm_qkv_rope_store"
-    # H100 (run 3, NOTES.md): one head per program leaves most SMs idle at small M (0.6B qkv at M = 1:
-    # 18.6 us fused vs 10.2 us for row kernel + cuBLAS + epilogue), and tl.dot loses to cuBLAS above.
-    path = path or "cublas"
     num_q_heads = _check_args(op, x, w_folded, residual, q_norm_weight, k_norm_weight, cos_sin, positions,
                               k_cache, v_cache, slot_mapping)
     if not use_triton(x):

@@ -62,6 +62,13 @@ def ops(model: Model) -> list[Op]:
     return out
 
 
+def linear_ops(model: Model) -> list[Op]:
+    """The projections with no norm before them (o_proj, down_proj): ``kernels.linear``, where every
+    column skips the rms factor (rms_cols_start = N)."""
+    return [Op(model.name, "o_proj", model.hidden, model.num_q_heads * model.head_dim, model.hidden),
+            Op(model.name, "down", model.hidden, model.intermediate, model.hidden)]
+
+
 def ms_for(op: Op, ms=MS) -> list[int]:
     return [m for m in ms if op.op != "lm_head" or m <= LM_HEAD_MAX_M]
 

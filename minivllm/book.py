@@ -131,15 +131,18 @@ class Results:
 
 def load_results(name: str, results_dir: str | os.PathLike = "data/results") -> Results | None:
     """``<results_dir>/<name>-<gpu slug>.json`` as a DataFrame; the H100's file when several GPUs'
-    files exist, else the newest. None when there is none."""
+    files exist, else the newest. None when there is none. A tagged run of the same benchmark
+    (``engine_latency-qwen3-8b-<gpu>.json``) is another name: files are matched on their
+    "benchmark" field."""
     import pandas as pd
     results_dir = _resolve(results_dir)
-    files = sorted(results_dir.glob(f"{name}-*.json"))
+    docs = {p: json.loads(p.read_text()) for p in sorted(results_dir.glob(f"{name}-*.json"))}
+    files = [p for p, doc in docs.items() if doc.get("benchmark") == name]
     if not files:
         return None
     h100 = [p for p in files if "h100" in p.name.lower()]
     path = max(h100 or files, key=lambda p: p.stat().st_mtime)
-    doc = json.loads(path.read_text())
+    doc = docs[path]
     return Results(name, pd.DataFrame(doc.get("rows", [])), doc.get("hardware", {}), doc.get("command", ""),
                    doc.get("date", ""), doc.get("git_commit"), path)
 

@@ -1,4 +1,5 @@
 """The book's sources are well-formed, and the smoke build of the whole book succeeds."""
+import json
 import re
 import subprocess
 import sys
@@ -35,6 +36,20 @@ def test_toc_lists_exactly_the_notebooks():
     assert chapters == [p.stem for p in NOTEBOOKS]
     for page in re.findall(r"file:\s*book/([a-z]\w*)\s*$", toc, re.M) + [re.search(r"root:\s*book/(\w+)", toc)[1]]:
         assert (ROOT / "book" / f"{page}.md").exists(), f"book/{page}.md listed in _toc.yml is missing"
+
+
+def test_load_results_keeps_tagged_runs_apart(tmp_path):
+    from minivllm.book import load_results
+
+    def write(benchmark, gpu):
+        rows = [{"benchmark": benchmark}]
+        (tmp_path / f"{benchmark}-{gpu}.json").write_text(json.dumps({"benchmark": benchmark, "rows": rows}))
+
+    write("engine_latency", "nvidia-h100-80gb-hbm3")
+    write("engine_latency-qwen3-8b", "nvidia-h100-80gb-hbm3")  # newer, and matches engine_latency-*.json
+    assert load_results("engine_latency", tmp_path).rows["benchmark"].tolist() == ["engine_latency"]
+    assert load_results("engine_latency-qwen3-8b", tmp_path).rows["benchmark"].tolist() == ["engine_latency-qwen3-8b"]
+    assert load_results("ttft", tmp_path) is None
 
 
 @pytest.mark.slow

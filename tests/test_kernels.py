@@ -20,13 +20,14 @@ select_interpreter()
 from kernels import (  # noqa: E402
     add_rmsnorm,
     fold_rmsnorm_weight,
+    linear,
     rmsnorm,
     rmsnorm_linear,
     rmsnorm_linear_ref,
     rmsnorm_ref,
 )
 from kernels.rmsnorm_linear import path_for  # noqa: E402
-from kernels.shapes import MODELS, TEST_MS, TEST_NKS, ms_for, ops  # noqa: E402
+from kernels.shapes import MODELS, TEST_MS, TEST_NKS, linear_ops, ms_for, ops  # noqa: E402
 
 ON_TRITON, runs_kernels, test_cpu_kernels_in_fresh_process = kernel_test_setup(__file__)
 
@@ -200,6 +201,32 @@ def test_rmsnorm_linear_accepts_row_strides():
     torch.testing.assert_close(y, y_ref, rtol=2e-3, atol=2e-3)
 
 
+# -------------------------------------------------------------- linear (no norm)
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("N,K", TEST_NKS)
+@pytest.mark.parametrize("M", [1, 3])
+def test_linear(M, N, K, dtype):
+    # M = 1 runs the GEMV kernel, M = 3 cuBLAS (F.linear): both against fp64.
+    torch.manual_seed(M * 1000 + N)
+    x, w = randn(M, K, dtype=dtype), randn(N, K, dtype=dtype, scale=K**-0.5)
+    y = poisoned(linear, x, w)
+    assert y.shape == (M, N) and y.dtype == dtype
+    assert_no_worse(y, torch.nn.functional.linear(x, w), x.double() @ w.double().T, SLACK)
+
+
+def test_linear_rejects_bad_inputs():
+    x, w = randn(1, 32, dtype=torch.float16), randn(8, 32, dtype=torch.float16)
+    cases = [((x[0], w), "must be"), ((x, w[:, :16]), "must be"), ((x[:, :0], w[:, :0]), "K > 0"),
+             ((x, w.float()), "dtype"), ((x, randn(32, 8, dtype=torch.float16).t()), "contiguous"),
+             ((x, w.to("meta")), "is on")]
+    for args, match in cases:
+        with pytest.raises(ValueError, match=match):
+            linear(*args)
+
+
 # ------------------------------------------------------------- GPU, benchmark shapes
 
 GPU_MS = (1, 16, 256, 1024)
@@ -226,6 +253,19 @@ def test_rmsnorm_linear_gpu(op, M, dtype):
     exact = torch.nn.functional.linear(rmsnorm_ref(h.double(), gamma.double(), EPS), w.double())
     exact[:, :op.rms_cols_start] = h.double() @ (w.double() * gamma.double())[:op.rms_cols_start].T
     assert_no_worse(y[rows], unfused, exact, slack=1e-4)
+
+
+LINEAR_GPU_OPS = [(op, m) for model in MODELS for op in linear_ops(model) for m in (1, 16)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("op,M", LINEAR_GPU_OPS, ids=[f"{o.model}-{o.op}-M{m}" for o, m in LINEAR_GPU_OPS])
+def test_linear_gpu(op, M, dtype):
+    torch.manual_seed(M)
+    x, w = randn(M, op.K, dtype=dtype), randn(op.N, op.K, dtype=dtype, scale=op.K**-0.5)
+    y = poisoned(linear, x, w)
+    assert_no_worse(y, torch.nn.functional.linear(x, w), x.double() @ w.double().T, slack=1e-4)
 
 
 @pytest.mark.gpu

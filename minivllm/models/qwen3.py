@@ -4,10 +4,10 @@ With ``fuse_norms`` each RMSNorm that feeds a linear (input_layernorm -> qkv,
 post_attention_layernorm -> gate_up, norm -> lm_head) is folded into that linear's weight
 and computed by ``kernels.rmsnorm_linear`` with the matrix product (fusion "norm_linear").
 Fusion "full" also folds what follows into those ops: QK-norm, RoPE and the KV-cache store
-after qkv (``kernels.rmsnorm_qkv_rope_store``), SiLU(gate) * up after gate_up. Which kernels
-run depends on the number of rows (``kernels.rmsnorm_linear.path_for``, chosen from H100
-measurements in kernels/NOTES.md): one fused GEMV at a single row, else a row kernel, cuBLAS
-and an epilogue kernel.
+after qkv (``kernels.rmsnorm_qkv_rope_store``), SiLU(gate) * up after gate_up, and runs o_proj
+and down_proj through ``kernels.linear``. Which kernels run depends on the number of rows
+(``kernels.rmsnorm_linear.path_for``, chosen from H100 measurements in kernels/NOTES.md): one
+(split-K) GEMV per op at a single row, else a row kernel, cuBLAS and an epilogue kernel.
 """
 import torch
 import torch.nn.functional as F
@@ -146,6 +146,8 @@ class Qwen3ForCausalLM(nn.Module):
             # A tied lm_head gets a weight of its own: the embedding must stay unscaled.
             self.lm_head.weight = nn.Parameter(kernels.fold_rmsnorm_weight(self.model.norm.weight, self.lm_head.weight),
                                                requires_grad=False)
+        for layer in self.model.layers:
+            layer.self_attn.o_proj.gemv = layer.mlp.down_proj.gemv = fusion == "full"
         self.model.fusion = fusion
 
 
