@@ -47,7 +47,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 
 from kernels.paged_attention import store_kvcache
 from kernels.rmsnorm import rmsnorm, rmsnorm_ref
-from kernels.rmsnorm_qkv import QKV_PATHS, rmsnorm_qkv_rope_store, rope_ref
+from kernels.rmsnorm_qkv import QKV_PATHS, kernel_for as qkv_kernel_for, rmsnorm_qkv_rope_store, rope_ref
 rl = importlib.import_module("kernels.rmsnorm_linear")  # the module (kernels exports a function of that name)
 from kernels.rmsnorm_linear import (fold_rmsnorm_weight, kernel_for, launch, linear, rmsnorm_linear,
                                     rmsnorm_linear_kernel)
@@ -218,6 +218,13 @@ def bench_op(op, M, rep):
             config = {"path": fused_path}
             if fused_path != "cublas":
                 kernel, fixed_meta = kernel_for(M, fused_path)
+                config.update(config_dict(kernel.best_config, fixed_meta))
+        elif impl.startswith("full"):  # fusion="full"'s kernel: record its path and config too
+            accepted = QKV_PATHS if op.op == "qkv" else rl.PATHS
+            full_path = rl.path_for(M, impl[5:] or None, accepted)
+            config = {"path": full_path}
+            if full_path != "cublas":
+                kernel, fixed_meta = (qkv_kernel_for if op.op == "qkv" else kernel_for)(M, full_path)
                 config.update(config_dict(kernel.best_config, fixed_meta))
         rows.append(row(op, M, impl, time_us(call, sets, rep), err, config))
     return rows
