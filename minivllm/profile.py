@@ -5,7 +5,8 @@
 Writes <out>/decode_profile-<gpu slug>.json. The kernel breakdown comes from torch.profiler on
 EAGER decode steps (kernels inside CUDA-graph replays are not attributed to the ops that
 launched them), so the file says ``"profiled_eager": true``; the wall time per step is timed
-separately, without the profiler, with CUDA graphs when the device has them. Each kernel is
+separately, without the profiler, with CUDA graphs when the device has them: the median (and
+min, max) of 3x as many steps as are profiled, after a few untimed ones. Each kernel is
 attributed to the innermost engine op (module or kernels call) that launched it. On CPU the
 "kernels" are emulated: one per kernels-package call and one per other top-level aten op.
 """
@@ -137,6 +138,11 @@ def step_kernels(prof, on_gpu: bool):
     return [sorted(s, key=lambda k: k[3]) for s in out]
 
 
+WALL_WARMUP = 3  # decode steps run before the wall clock is read
+WALL_STEPS_PER_STEP = 3  # wall-timed steps per profiled step (a median over more steps)
+TOKENS_PER_STEP = WALL_STEPS_PER_STEP + 2  # tokens each sequence needs per profiled step, with the warm-ups
+
+
 def start_decoding(llm: LLM, batch: int, context: int, max_tokens: int):
     gen = torch.Generator().manual_seed(0)
     vocab = llm.config.hf_config.vocab_size
@@ -151,15 +157,16 @@ def start_decoding(llm: LLM, batch: int, context: int, max_tokens: int):
 def profile_mode(args, fusion: str) -> list[dict]:
     on_gpu = torch.cuda.is_available() and args.device != "cpu"
     llm = LLM(args.model, fusion=fusion, device="cuda" if on_gpu else "cpu", max_num_seqs=args.batch + 1,
-              max_model_len=args.context + args.steps * 3 + 32, enforce_eager=args.enforce_eager)
+              max_model_len=args.context + args.steps * TOKENS_PER_STEP + 32, enforce_eager=args.enforce_eager)
     cfg = llm.config.hf_config
     layers = cfg.num_hidden_layers
-    start_decoding(llm, args.batch, args.context, args.steps * 3 + 8)
+    start_decoding(llm, args.batch, args.context, args.steps * TOKENS_PER_STEP + 8)
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     walls = []
-    for _ in range(args.steps):  # wall time: CUDA graphs (when captured), no profiler
+    for _ in range(WALL_WARMUP + WALL_STEPS_PER_STEP * args.steps):  # wall time: CUDA graphs (when captured)
         sync(), walls.append(-time.perf_counter()), llm.step(), sync()
         walls[-1] += time.perf_counter()
+    walls = walls[WALL_WARMUP:]  # the first replays after capture and prefill are not the steady state
     graphs, llm.model_runner.graphs = llm.model_runner.graphs, {}  # eager steps for the breakdown
     undo = instrument(llm)
     llm.step()  # warm-up of the eager path
@@ -191,7 +198,8 @@ def profile_mode(args, fusion: str) -> list[dict]:
     rows.append(dict(kind="step", fusion=fusion, batch_size=args.batch, context=args.context, num_layers=layers,
                      steps_profiled=n, kernels_per_step=kernels, kernels_per_layer=kernels / layers,
                      gpu_us_per_step=sum(t1 - t0 for s in steps for *_, t0, t1 in s) / n,
-                     wall_us_per_step=1e6 * statistics.median(walls), cuda_graphs=bool(graphs),
+                     wall_us_per_step=1e6 * statistics.median(walls), wall_us_min=1e6 * min(walls),
+                     wall_us_max=1e6 * max(walls), wall_steps=len(walls), cuda_graphs=bool(graphs),
                      dtype=str(llm.config.torch_dtype).replace("torch.", ""), device=llm.config.device,
                      model={k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size", "num_attention_heads",
                                                          "num_key_value_heads", "head_dim", "vocab_size")},

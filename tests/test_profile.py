@@ -17,6 +17,7 @@ def test_decode_profile_json(tmp_path):
     assert {"off", "norm_linear"} <= set(steps)
     for fusion, step in steps.items():
         assert step["kernels_per_step"] > 0 and step["gpu_us_per_step"] > 0 and step["wall_us_per_step"] > 0
+        assert step["wall_us_min"] <= step["wall_us_per_step"] <= step["wall_us_max"] and step["wall_steps"] > 1
         assert step["timeline"] and all(k["end_us"] >= k["start_us"] >= 0 for k in step["timeline"])
         kernels = [r for r in doc["rows"] if r["kind"] == "kernel" and r["fusion"] == fusion]
         assert all(r["calls_per_step"] > 0 and r["category"] for r in kernels)
