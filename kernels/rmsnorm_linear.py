@@ -265,7 +265,7 @@ def path_for(m: int, path: str | None = None, accepted=PATHS) -> str:
     the dispatch rule. "splitk" (``rmsnorm_qkv``'s only) serves the GEMV rows, and takes them where accepted."""
     if path is None:
         if m <= GEMV_MAX_M:
-            return "splitk" if "splitk" in accepted else "gemv"
+            return "splitk" if "splitk" in accepted and m <= GEMV_MAX_ROWS else "gemv"
         if m >= CUBLAS_MIN_M:
             return "cublas"
         return "dot" if m <= SMALL_M else "tiled"

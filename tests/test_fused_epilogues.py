@@ -7,6 +7,8 @@ an fp64 evaluation of the same function: the kernel's error must not exceed that
 unfused torch chain in the same dtype. Outputs start NaN-filled; KV caches start filled with
 sentinel values, so stores to the wrong slot, to slot -1 or not at all show up.
 """
+import sys
+
 import pytest
 import torch
 
@@ -206,7 +208,11 @@ def test_split_k_path_twice(M, head_dim, num_q_heads, num_kv_heads, K, with_resi
         check_qkv({**case, "path": "splitk"}, randn(M, K, dtype=dtype) if with_residual else None)
 
 
-def test_split_k_path_serves_qkv_gemv_rows_only():
+def test_split_k_path_serves_qkv_gemv_rows_only(monkeypatch):
+    assert path_for(1, None, QKV_PATHS) == "splitk" and path_for(1) == "gemv"  # the dispatch at one row
+    monkeypatch.setattr(sys.modules["kernels.rmsnorm_linear"], "GEMV_MAX_M", GEMV_MAX_ROWS + 8)  # the module, not
+    # the package's function of that name
+    assert path_for(GEMV_MAX_ROWS + 1, None, QKV_PATHS) == "gemv"  # split-K's workspace holds GEMV_MAX_ROWS rows
     assert path_for(GEMV_MAX_ROWS, "splitk", QKV_PATHS) == "splitk"
     with pytest.raises(ValueError, match="splitk"):
         path_for(GEMV_MAX_ROWS + 1, "splitk", QKV_PATHS)
