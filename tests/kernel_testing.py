@@ -63,3 +63,15 @@ def poisoned(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     finally:
         torch.use_deterministic_algorithms(was_on, warn_only=was_warn_only)
+
+
+def assert_no_worse(y, baseline, exact, what="kernel", slack=SLACK, factor=1.1):
+    """``y`` fully written and its error against ``exact`` within ``factor`` times that of the
+    unfused ``baseline`` in the same dtype, plus ``slack``."""
+    assert not y.isnan().any(), f"{what}: elements left unwritten (NaN poison)"
+    err, base = rel_err(y, exact), rel_err(baseline, exact)
+    assert err <= factor * base + slack, f"{what}: error {err:.3e} vs unfused {base:.3e}"
+
+
+def randn(*shape, dtype, device=DEVICE, scale=1.0):
+    return (torch.randn(*shape, device=device) * scale).to(dtype)

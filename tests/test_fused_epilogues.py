@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from tests.kernel_testing import (DEVICE, EPS, SLACK, kernel_test_setup, poisoned, rel_err,
+from tests.kernel_testing import (DEVICE, EPS, assert_no_worse, kernel_test_setup, poisoned, randn,
                                   select_interpreter)
 
 select_interpreter()
@@ -29,16 +29,6 @@ from kernels.rmsnorm_qkv import QKV_PATHS  # noqa: E402
 from minivllm.layers.rotary import RotaryEmbedding  # noqa: E402
 
 ON_TRITON, runs_kernels, test_cpu_kernels_in_fresh_process = kernel_test_setup(__file__)
-
-
-def assert_no_worse(y, baseline, exact, what, factor=1.1):
-    assert not y.isnan().any(), f"{what}: elements left unwritten (NaN poison)"
-    err, base = rel_err(y, exact), rel_err(baseline, exact)
-    assert err <= factor * base + SLACK, f"{what}: error {err:.3e} vs unfused {base:.3e}"
-
-
-def randn(*shape, dtype, scale=1.0):
-    return (torch.randn(*shape, device=DEVICE) * scale).to(dtype)
 
 
 def norm_weight(n, dtype):
