@@ -12,11 +12,13 @@ Writes ``<out>/kernels-<gpu slug>.json`` and prints a table. Implementations (bf
   cublas_linear_only  F.linear(x, W) alone: the GEMM with no norm work at all
   eager_unfused       HF-style add + RMSNorm in eager torch, then F.linear (cuBLAS)
   compiled_unfused    the same under torch.compile: one fused norm kernel + cuBLAS
+  liger_unfused       Liger-Kernel's fused add + RMSNorm (Triton), then cuBLAS (when liger-kernel
+                      is installed)
   full, full_<path>   fusion="full"'s kernel: for qkv, rmsnorm_qkv_rope_store (+ QK-norm, RoPE,
                       KV-cache store; also full_splitk, its split-K GEMV, M <= 8); for gate_up,
                       rmsnorm_linear with silu_mul=True
   norm_linear_chain   what fusion="norm_linear" runs for the same work: fused, then the
-                      engine's QK-norm (Triton), RoPE (torch) and store_kvcache, or SiLU * up
+                      engine's QK-norm, RoPE and store_kvcache, or SiLU * up (a Triton kernel each)
   sweep               (--sweep) the decode kernel at M=1 on a BLOCK_N x BLOCK_K grid
 
 And the projections with no norm before them (o_proj, down): ``kernels.linear`` as dispatched
@@ -24,20 +26,15 @@ And the projections with no norm before them (o_proj, down): ``kernels.linear`` 
 
 Times are medians of ``triton.testing.do_bench_cudagraph`` (launch overhead excluded).
 Inputs are random; when one set of inputs would fit in L2 several sets are rotated so
-each call reads W from HBM, as in a real forward pass.
+each call reads W from HBM, as in a real forward pass. Floors use the copy bandwidth and bf16
+matmul rate measured at the start of the run (``minivllm.costs.measure_ceilings``).
 """
 import argparse
-import datetime
 import importlib
 import itertools
-import json
 import math
-import os
-import re
-import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -47,11 +44,20 @@ from triton.testing import do_bench, do_bench_cudagraph
 
 from kernels.paged_attention import store_kvcache
 from kernels.rmsnorm import rmsnorm, rmsnorm_ref
-from kernels.rmsnorm_qkv import QKV_PATHS, kernel_for as qkv_kernel_for, rmsnorm_qkv_rope_store, rope_ref
+from kernels.rmsnorm_qkv import QKV_PATHS, kernel_for as qkv_kernel_for, rmsnorm_qkv_rope_store
+from kernels.rope import rope
+from kernels.silu_mul import silu_mul
 rl = importlib.import_module("kernels.rmsnorm_linear")  # the module (kernels exports a function of that name)
 from kernels.rmsnorm_linear import (fold_rmsnorm_weight, kernel_for, launch, linear, rmsnorm_linear,
                                     rmsnorm_linear_kernel)
-from kernels.shapes import L2_BYTES, MODELS, MS, QUICK_MS, floor_us, linear_ops, ms_for, ops
+from kernels.shapes import MODELS, MS, QUICK_MS, floor_us, linear_ops, ms_for, ops
+from minivllm.costs import measure_ceilings
+from minivllm.results import write_result
+
+try:  # Liger-Kernel's Triton add + RMSNorm: a kernel-level peer, where it is installed
+    from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction
+except ImportError:
+    LigerFusedAddRMSNormFunction = None
 
 EPS = 1e-6
 DTYPE = torch.bfloat16
@@ -76,6 +82,15 @@ def unfused(x, residual, gamma, w):
 
 # dynamic=True: one compiled graph serves every shape instead of one compile per shape.
 compiled_unfused = torch.compile(unfused, dynamic=True)
+
+
+def liger_unfused(x, residual, gamma, w):
+    """Liger's add + RMSNorm (casting mode "llama": HF's numerics), then cuBLAS."""
+    y, h = LigerFusedAddRMSNormFunction.apply(x, residual, gamma, EPS, 0.0, "llama", False)
+    return torch.nn.functional.linear(y, w), h
+
+
+CEILINGS = {}  # measured once per run, in main
 
 
 FORCED_PATHS = set(QKV_PATHS)  # --paths narrows the forced-path columns
@@ -105,6 +120,8 @@ def impls(op, M):
         "cublas_linear_only": lambda s: torch.nn.functional.linear(s.x, s.w),
         "eager_unfused": lambda s: unfused(s.x, s.residual, s.gamma, s.w),
         "compiled_unfused": lambda s: compiled_unfused(s.x, s.residual, s.gamma, s.w),
+        **({"liger_unfused": lambda s: liger_unfused(s.x, s.residual, s.gamma, s.w)}
+           if LigerFusedAddRMSNormFunction is not None else {}),
     }
 
 
@@ -113,8 +130,7 @@ def full_impls(op, M):
     lm_head has no epilogue."""
     if op.op == "gate_up":
         def chain(s):
-            gate, up = rmsnorm_linear(s.x, s.w_folded, EPS, s.residual)[0].chunk(2, -1)
-            return torch.nn.functional.silu(gate) * up
+            return silu_mul(rmsnorm_linear(s.x, s.w_folded, EPS, s.residual)[0])
         return {"full": lambda s: rmsnorm_linear(s.x, s.w_folded, EPS, s.residual, silu_mul=True),
                 **{f"full_{p}": (lambda s, p=p: rmsnorm_linear(s.x, s.w_folded, EPS, s.residual, silu_mul=True,
                                                                path=p)) for p in paths(M)},
@@ -135,9 +151,7 @@ def full_impls(op, M):
     def chain(s):
         qkv, _ = rmsnorm_linear(s.x, s.w_folded, EPS, s.residual, op.rms_cols_start)
         q, k, v = qkv.view(M, -1, head_dim).split([hq, hkv, hkv], 1)
-        q, k = rmsnorm(q, norm_q, EPS), rmsnorm(k, norm_k, EPS)
-        cos, sin = cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
-        q, k = rope_ref(q, cos, sin), rope_ref(k, cos, sin)
+        q, k = rope(rmsnorm(q, norm_q, EPS), rmsnorm(k, norm_k, EPS), cos_sin, positions)
         store_kvcache(k, v, cache[0], cache[1], slots)
         return q
 
@@ -151,7 +165,8 @@ def full_impls(op, M):
 
 def make_inputs(M, op):
     set_bytes = (op.N * op.K + 2 * M * op.K) * DTYPE.itemsize
-    n_sets = 1 if set_bytes > L2_BYTES else min(16, math.ceil(3 * L2_BYTES / set_bytes))
+    l2_bytes = torch.cuda.get_device_properties().L2_cache_size
+    n_sets = 1 if set_bytes > l2_bytes else min(16, math.ceil(3 * l2_bytes / set_bytes))
     sets = []
     for _ in range(n_sets):
         x = torch.randn(M, op.K, device="cuda", dtype=DTYPE)
@@ -196,7 +211,8 @@ def row(op, M, impl, us, err=None, config=None, residual=True):
     return {
         "op": op.op, "model": op.model, "M": M, "N": op.N, "K": op.K, "dtype": "bf16", "impl": impl,
         "us_median": us,
-        "floor_us": floor_us(M, op.N, op.K, residual),
+        "floor_us": floor_us(M, op.N, op.K, residual, CEILINGS["copy_bytes_per_s"],
+                             CEILINGS["bf16_matmul_flops_per_s"]),
         "rel_err_vs_fp64": err,
         "achieved_weight_TBps": op.N * op.K * DTYPE.itemsize / (us * 1e-6) / 1e12 if us else None,
         "config": config,
@@ -272,28 +288,6 @@ def sweep(rep):
     return rows
 
 
-def hardware():
-    try:
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30)
-        driver = smi.stdout.splitlines()[0].strip() if smi.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError, IndexError):
-        driver = None
-    return {"gpu": torch.cuda.get_device_name(), "driver": driver, "cuda": torch.version.cuda,
-            "torch": torch.__version__, "triton": triton.__version__}
-
-
-def git_commit():
-    if os.environ.get("MINIVLLM_GIT_COMMIT"):  # a copy of the tree without its history (a GPU box)
-        return os.environ["MINIVLLM_GIT_COMMIT"]
-    try:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30,
-                             cwd=Path(__file__).resolve().parent)
-        return git.stdout.strip() if git.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def print_table(rows):
     us = {(r["model"], r["op"], r["M"], r["impl"]): r["us_median"] for r in rows}
     keys = list(dict.fromkeys((r["model"], r["op"], r["M"], r["N"], r["K"], r["floor_us"])
@@ -337,6 +331,7 @@ def main(argv=None):
     FORCED_PATHS.intersection_update(args.paths)
     if not torch.cuda.is_available():
         sys.exit("kernels.bench needs a CUDA GPU")
+    CEILINGS.update(measure_ceilings())
     torch.manual_seed(0)
     rep = 10 if args.quick else 20
     start = time.time()
@@ -353,21 +348,10 @@ def main(argv=None):
                 torch.cuda.empty_cache()
     if args.sweep:
         rows += sweep(rep)
-    hw = hardware()
-    result = {
-        "benchmark": "kernels" + args.tag,
-        "hardware": hw,
-        "git_commit": git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m kernels.bench " + " ".join(sys.argv[1:] if argv is None else argv),
-        "dispatch": {"GEMV_MAX_M": rl.GEMV_MAX_M, "CUBLAS_MIN_M": rl.CUBLAS_MIN_M, "SMALL_M": rl.SMALL_M},
-        "rows": rows,
-    }
-    out = Path(args.out) / f"kernels{args.tag}-{re.sub(r'[^a-z0-9]+', '-', hw['gpu'].lower()).strip('-')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    write_result("kernels" + args.tag, rows, args.out, "python -m kernels.bench", argv, ceilings=CEILINGS,
+                 dispatch={"GEMV_MAX_M": rl.GEMV_MAX_M, "CUBLAS_MIN_M": rl.CUBLAS_MIN_M, "SMALL_M": rl.SMALL_M})
     print_table(rows)
-    print(f"\nwrote {out} in {time.time() - start:.0f} s")
+    print(f"\n{time.time() - start:.0f} s")
 
 
 if __name__ == "__main__":

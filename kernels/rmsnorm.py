@@ -70,7 +70,7 @@ def check_tensors(op: str, **tensors: torch.Tensor) -> None:
 @triton.jit
 def _rmsnorm_kernel(
     X, R, H, G, Y, RSTD,
-    stride_x, stride_r, stride_h, stride_y,
+    stride_x, stride_x_inner, rows_per_group, stride_r, stride_h, stride_y,
     N, eps,
     HAS_RESIDUAL: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
@@ -80,11 +80,14 @@ def _rmsnorm_kernel(
     # One program per row: a whole hidden vector fits in registers. H is where h = x + residual
     # goes (add_rmsnorm: the residual itself; rmsnorm_linear's cuBLAS route: a new tensor).
     # Without gamma (already folded into the next weight) y is the normalised row rounded
-    # once; RSTD (fp32, per row) is stored for epilogues that need r.
+    # once; RSTD (fp32, per row) is stored for epilogues that need r. Rows of X may be grouped:
+    # row i is X[i // rows_per_group, i % rows_per_group] (q's heads inside the qkv output, read
+    # where they lie instead of copied out first).
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
-    h = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    x_row = (row // rows_per_group) * stride_x + (row % rows_per_group) * stride_x_inner
+    h = tl.load(X + x_row + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
         # Round the sum to the model dtype before normalising it, as HF does.
@@ -105,12 +108,15 @@ def _rmsnorm_kernel(
 
 
 def launch_rows(x2, r2, h2, gamma, y2, rstd, eps):
-    """``_rmsnorm_kernel`` on 2-D ``x2`` [M, N]: one program per row."""
-    n = x2.shape[1]
+    """``_rmsnorm_kernel`` on ``x2`` [M, N], or on the M = G * H rows of a strided ``x2`` [G, H, N]:
+    one program per row; ``y2`` [M, N]."""
+    n = x2.shape[-1]
     block_n = triton.next_power_of_2(n)
-    _rmsnorm_kernel[(x2.shape[0],)](
+    grouped = x2.dim() == 3
+    _rmsnorm_kernel[(y2.shape[0],)](
         x2, r2, h2, gamma, y2, rstd,
-        x2.stride(0), r2.stride(0) if r2 is not None else 0, h2.stride(0) if h2 is not None else 0, y2.stride(0),
+        x2.stride(0), x2.stride(1) if grouped else 0, x2.shape[1] if grouped else 1,
+        r2.stride(0) if r2 is not None else 0, h2.stride(0) if h2 is not None else 0, y2.stride(0),
         n, eps,
         HAS_RESIDUAL=r2 is not None,
         HAS_GAMMA=gamma is not None,
@@ -142,13 +148,19 @@ def _launch_rmsnorm(x, residual, gamma, eps, op):
             return rmsnorm_ref(x, gamma, eps)
         h = residual.copy_(x + residual)
         return rmsnorm_ref(h, gamma, eps), h
-    x2 = x.reshape(-1, n)
+    # A 3-D x whose rows cannot be flattened without a copy (q's heads in the qkv output) is read
+    # in place as [tokens, heads, N].
+    x2 = x if x.dim() == 3 and residual is None and not _flattens(x) else x.reshape(-1, n)
     r2 = residual.view(-1, n) if residual is not None else None
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     y2 = y.view(-1, n)
-    if x2.shape[0] > 0:
+    if y2.shape[0] > 0:
         launch_rows(x2, r2, r2, gamma, y2, None, eps)
     return y if residual is None else (y, residual)
+
+
+def _flattens(x: torch.Tensor) -> bool:
+    return x.stride(-2) == x.shape[-1] and (x.dim() < 3 or x.stride(0) == x.shape[1] * x.stride(1))
 
 
 def rmsnorm(x: torch.Tensor, gamma: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -31,6 +31,7 @@ import torch
 
 from kernels.paged_attention import INDEX_DTYPES, _check_cache, store_kvcache_ref
 from kernels.rmsnorm import INTERPRET, check_tensors, rmsnorm_ref, tl, triton, use_triton
+from kernels.rope import rope_ref
 from kernels.rmsnorm_linear import (GEMV_MAX_ROWS, PATHS, _configs, _m_bucket, _norm_matmul, _tile_ids, norm_rows,
                                      path_for, precision, rmsnorm_linear_ref, select_kernel)
 
@@ -369,13 +370,6 @@ def rmsnorm_qkv_rope_store(
             HEAD_DIM=head_dim, CACHE_BLOCK=k_cache.shape[1], **meta,
         )
     return q if residual is None else (q, h)
-
-
-def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE of ``x`` [..., D] with ``cos``, ``sin`` [..., D/2] (broadcast), computed
-    in fp32 (fp64 for fp64 x) and rounded to x's dtype once."""
-    x1, x2 = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
 
 
 def rmsnorm_qkv_rope_store_ref(x, w_folded, eps, residual, q_norm_weight, k_norm_weight, qk_eps, cos_sin, positions,

@@ -6,9 +6,10 @@ and at the end of the model (final norm -> lm_head).
 """
 from dataclasses import dataclass
 
-HBM_BYTES_PER_S = 3.02e12  # H100 SXM, achievable HBM3 bandwidth used for floors
-PEAK_FLOPS = 790e12  # H100 SXM, achievable dense bf16 tensor-core rate used for floors
-L2_BYTES = 50e6  # H100 L2: inputs smaller than this are rotated when timing
+# The H100 of the first edition: copy bandwidth and bf16 matmul rate measured there (chapter 3's
+# worked example). Benchmarks measure the GPU in hand instead (minivllm.costs.measure_ceilings).
+HBM_BYTES_PER_S = 3.02e12
+PEAK_FLOPS = 790e12
 
 MS = (1, 4, 16, 64, 256, 1024, 4096, 8192)
 QUICK_MS = (1, 16, 256, 4096)
@@ -79,7 +80,8 @@ def cost(M: int, N: int, K: int, residual: bool = True, elem_bytes: int = 2) -> 
     return nbytes, 2 * M * N * K
 
 
-def floor_us(M: int, N: int, K: int, residual: bool = True, elem_bytes: int = 2) -> float:
-    """Roofline lower bound of the fused op on an H100, in microseconds."""
+def floor_us(M: int, N: int, K: int, residual: bool = True, bandwidth: float = HBM_BYTES_PER_S,
+             flops_per_s: float = PEAK_FLOPS, elem_bytes: int = 2) -> float:
+    """Roofline lower bound of the fused op, in microseconds, at the given ceilings (bytes/s, FLOP/s)."""
     nbytes, flops = cost(M, N, K, residual, elem_bytes)
-    return max(nbytes / HBM_BYTES_PER_S, flops / PEAK_FLOPS) * 1e6
+    return max(nbytes / bandwidth, flops / flops_per_s) * 1e6

@@ -1,92 +1,30 @@
-"""End-to-end benchmarks (../shared/BENCHMARKS.md workloads 1, 2, 3 and 5) on one GPU.
+"""End-to-end benchmarks (workloads 1, 2, 3 and 5 of the book's Method appendix) on one GPU:
+every rung of the fusion ladder, and the peer engines, in one process run.
 
-    python -m minivllm.bench throughput --model checkpoints/qwen3-0.6b --fusion off,norm_linear
-    python -m minivllm.bench latency    --model checkpoints/qwen3-0.6b --fusion off,norm_linear
+    python -m minivllm.bench throughput --model checkpoints/qwen3-0.6b --fusion off,norm_linear,full
+    python -m minivllm.bench latency    --model checkpoints/qwen3-0.6b --fusion all --peers nano-vllm,hf
     python -m minivllm.bench latency    --model checkpoints/qwen3-8b --tensor-parallel-size 1,2
     python -m minivllm.bench ttft       --model checkpoints/qwen3-0.6b
-    python -m minivllm.bench hf         --model checkpoints/qwen3-0.6b
 
-Each writes data/results/<benchmark>-<gpu slug>.json; fusion modes and tensor-parallel sizes
-run side by side in one process. Every row carries the workload's floor (bytes that must
-move / measured bandwidth).
+Each writes data/results/<benchmark>-<gpu slug>.json. The GPU's ceilings (copy bandwidth, bf16
+matmul rate) are measured first and every floor is computed from them. Each configuration is
+measured ``--reps`` times; a row keeps its samples and reports their median. Peers run in their
+own processes (``minivllm.peers``) on the same GPU, after minivllm's engines have been shut down.
 """
 import argparse
-import datetime
 import gc
-import json
 import os
-import random
-import re
-import subprocess
-import sys
+import statistics
 import time
 
 import torch
 
-from minivllm import LLM, SamplingParams
-from minivllm.config import ModelConfig
+from minivllm import LLM, SamplingParams, workloads
+from minivllm.config import FUSION_MODES
+from minivllm.costs import decode_floor_ms, measure_ceilings, throughput_floor_s
+from minivllm.results import write_result
 
-COPY_BANDWIDTH = 3.02e12  # bytes/s, device-to-device copy on our H100 (shared/anchors)
-
-
-def gpu_slug() -> str:
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def hardware() -> dict:
-    import triton
-    info = {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-        try:
-            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                            capture_output=True, text=True).stdout.strip()
-        except OSError:
-            info["driver"] = "unknown"
-    return info
-
-
-def git_commit() -> str:
-    """The commit the code ran at. A copy of the tree without its history (a GPU box's) names it in
-    MINIVLLM_GIT_COMMIT."""
-    if os.environ.get("MINIVLLM_GIT_COMMIT"):
-        return os.environ["MINIVLLM_GIT_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
-
-
-def write_result(benchmark: str, rows: list[dict], out_dir: str) -> str:
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{benchmark}-{gpu_slug()}.json")
-    doc = {"benchmark": benchmark, "hardware": hardware(), "git_commit": git_commit(),
-           "date": datetime.date.today().isoformat(), "command": " ".join(["python -m minivllm.bench", *sys.argv[1:]]),
-           "rows": rows}
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=1)
-    print(f"wrote {path}")
-    return path
-
-
-def weight_bytes(cfg: ModelConfig, itemsize: int) -> int:
-    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    attn = h * d * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
-    per_layer = attn + 3 * h * i + 2 * h + 2 * d
-    embed = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
-    return itemsize * (cfg.num_hidden_layers * per_layer + embed + h)
-
-
-def kv_bytes_per_token(cfg: ModelConfig, itemsize: int) -> int:
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * itemsize
-
-
-def decode_floor_ms(cfg: ModelConfig, itemsize: int, batch: int, context: int, tensor_parallel_size: int) -> float:
-    """One decode step must read every weight once and each sequence's KV cache once; with
-    tensor parallelism each GPU reads its share at the same time (the all-reduces are extra)."""
-    step_bytes = weight_bytes(cfg, itemsize) + batch * context * kv_bytes_per_token(cfg, itemsize)
-    return 1e3 * step_bytes / tensor_parallel_size / COPY_BANDWIDTH
+PEERS = ("nano-vllm", "hf", "hf_compiled")
 
 
 def engines(args, **kwargs):
@@ -104,6 +42,8 @@ def engines(args, **kwargs):
 
 
 def timed_generate(llm: LLM, prompts, params) -> float:
+    """Seconds for one ``generate``, from a cold prefix cache."""
+    llm.reset_prefix_cache()
     torch.cuda.synchronize()
     start = time.perf_counter()
     llm.generate(prompts, params, use_tqdm=False)
@@ -111,30 +51,35 @@ def timed_generate(llm: LLM, prompts, params) -> float:
     return time.perf_counter() - start
 
 
-def throughput(args) -> list[dict]:
-    """Workload 1: nano-vLLM's benchmark."""
-    random.seed(0)
-    num = args.num_seqs
-    prompts = [[random.randint(0, 10000) for _ in range(random.randint(100, 1024))] for _ in range(num)]
-    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=random.randint(100, 1024))
-              for _ in range(num)]
-    out_tokens = sum(p.max_tokens for p in params)
+def stats(samples_ms: list[float]) -> dict:
+    return dict(latency_ms=statistics.median(samples_ms), samples_ms=samples_ms,
+                spread_ms=max(samples_ms) - min(samples_ms))
+
+
+def base_row(llm: LLM, args, workload: str) -> dict:
+    return dict(workload=workload, engine="minivllm", fusion=llm.config.fusion,
+                tensor_parallel_size=llm.config.tensor_parallel_size, model_name=args.model_name)
+
+
+def throughput(args, ceilings) -> list[dict]:
+    """Workload 1: nano-vLLM's benchmark; ``latency_ms`` is the median wall time of ``generate``."""
+    requests = workloads.throughput_requests(args.num_seqs)
+    prompts = [r.prompt_token_ids for r in requests]
+    params = [SamplingParams(temperature=r.temperature, ignore_eos=r.ignore_eos, max_tokens=r.max_tokens)
+              for r in requests]
+    out_tokens = sum(r.max_tokens for r in requests)
     rows = []
     for llm in engines(args, max_model_len=4096):
-        cfg, itemsize = llm.config.hf_config, llm.config.torch_dtype.itemsize
+        cfg, itemsize, tp = llm.config.hf_config, llm.config.torch_dtype.itemsize, llm.config.tensor_parallel_size
         llm.generate(["Benchmark warm-up"], SamplingParams(max_tokens=8), use_tqdm=False)
         torch.cuda.reset_peak_memory_stats()
-        seconds = timed_generate(llm, prompts, params)
-        # Floor: each decode step reads the weights once; every token's KV is read at every later step.
-        steps = max(p.max_tokens for p in params)
-        kv_reads = sum(sum(len(pr) + t for t in range(p.max_tokens)) for pr, p in zip(prompts, params))
-        tp = llm.config.tensor_parallel_size
-        floor_s = ((steps * weight_bytes(cfg, itemsize) + kv_reads * kv_bytes_per_token(cfg, itemsize))
-                   / tp / COPY_BANDWIDTH)
-        rows.append(dict(workload="throughput", engine="minivllm", fusion=llm.config.fusion, tensor_parallel_size=tp,
-                         model_name=args.model_name,
-                         batch_size=num, seq_len=None, output_tokens=out_tokens, seconds=seconds,
-                         latency_ms=1e3 * seconds, throughput_tokens_per_sec=out_tokens / seconds,
+        s = stats([1e3 * timed_generate(llm, prompts, params) for _ in range(args.reps)])
+        floor_s = throughput_floor_s(cfg, itemsize, [len(p) for p in prompts], [r.max_tokens for r in requests], tp,
+                                     ceilings["copy_bytes_per_s"])
+        rows.append(dict(base_row(llm, args, "throughput"), batch_size=len(requests), seq_len=None,
+                         output_tokens=out_tokens, **s, seconds=s["latency_ms"] / 1e3,
+                         throughput_tokens_per_sec=1e3 * out_tokens / s["latency_ms"],
+                         throughput_samples=[1e3 * out_tokens / t for t in s["samples_ms"]],
                          floor_s=floor_s, floor_tokens_per_sec=out_tokens / floor_s,
                          peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20,
                          kv_cache_mb=llm.model_runner.kv_cache.numel() * itemsize / 2**20,  # rank 0's shard
@@ -143,85 +88,72 @@ def throughput(args) -> list[dict]:
     return rows
 
 
-def latency(args) -> list[dict]:
-    """Workload 2: ms per decode step = (time for 1 + N tokens - time for 1 token) / N."""
-    gen = args.gen_tokens
-    rows = []
+def latency(args, ceilings) -> list[dict]:
+    """Workload 2: ms per decode step. Each sample is (time for 1 + N tokens - time for 1 token) / N,
+    the mean step of one run; ``latency_ms`` is the median of the samples."""
+    gen, rows = args.gen_tokens, []
+    greedy = dict(temperature=0, ignore_eos=True)
     for llm in engines(args, max_model_len=max(args.prompt_lens) + gen + 16):
-        cfg, itemsize = llm.config.hf_config, llm.config.torch_dtype.itemsize
+        cfg, itemsize, tp = llm.config.hf_config, llm.config.torch_dtype.itemsize, llm.config.tensor_parallel_size
         llm.generate([[1] * 16], SamplingParams(max_tokens=4), use_tqdm=False)
         for batch in args.batches:
             for plen in args.prompt_lens:
-                gen_ = torch.Generator().manual_seed(batch * 100003 + plen)
-                prompts = [torch.randint(0, 10000, (plen,), generator=gen_).tolist() for _ in range(batch)]
+                prompts = workloads.latency_prompts(batch, plen)
                 # The first run of a prompt shape autotunes its prefill kernels: keep it out of the timing.
-                for _ in range(2):
-                    llm.scheduler.block_manager.hash_to_block_id.clear()  # no cross-run prefix hits
-                    one = timed_generate(llm, prompts, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
-                llm.scheduler.block_manager.hash_to_block_id.clear()
+                timed_generate(llm, prompts, SamplingParams(max_tokens=1, **greedy))
                 torch.cuda.reset_peak_memory_stats()
-                full = timed_generate(llm, prompts, SamplingParams(temperature=0, max_tokens=gen + 1, ignore_eos=True))
-                step_ms = 1e3 * (full - one) / gen
-                tp = llm.config.tensor_parallel_size
-                floor = decode_floor_ms(cfg, itemsize, batch, plen + gen // 2, tp)
-                rows.append(dict(workload="decode_latency", engine="minivllm", fusion=llm.config.fusion,
-                                 tensor_parallel_size=tp,
-                                 model_name=args.model_name, batch_size=batch, seq_len=plen, latency_ms=step_ms,
-                                 prefill_ms=1e3 * one, floor_ms=floor, measured_over_floor=step_ms / floor,
-                                 throughput_tokens_per_sec=batch * 1e3 / step_ms,
+                samples, prefill = [], []
+                for _ in range(args.reps):
+                    one = timed_generate(llm, prompts, SamplingParams(max_tokens=1, **greedy))
+                    full = timed_generate(llm, prompts, SamplingParams(max_tokens=gen + 1, **greedy))
+                    samples.append(1e3 * (full - one) / gen)
+                    prefill.append(1e3 * one)
+                floor = decode_floor_ms(cfg, itemsize, batch, plen + gen // 2, tp, ceilings["copy_bytes_per_s"])
+                s = stats(samples)
+                rows.append(dict(base_row(llm, args, "decode_latency"), batch_size=batch, seq_len=plen, **s,
+                                 prefill_ms=statistics.median(prefill), floor_ms=floor,
+                                 measured_over_floor=s["latency_ms"] / floor,
+                                 throughput_tokens_per_sec=batch * 1e3 / s["latency_ms"],
                                  peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20,
                                  cuda_graphs=not args.enforce_eager))
                 print(rows[-1], flush=True)
     return rows
 
 
-def ttft(args) -> list[dict]:
-    """Workload 3: time to first token at batch 1."""
+def ttft(args, ceilings) -> list[dict]:
+    """Workload 3: time to first token at batch 1 (a generate of one token, from a cold cache)."""
     rows = []
     for llm in engines(args, max_model_len=max(args.prompt_lens) + 8):
         llm.generate([[1] * 16], SamplingParams(max_tokens=2), use_tqdm=False)
         for plen in args.prompt_lens:
-            prompt = torch.randint(0, 10000, (plen,), generator=torch.Generator().manual_seed(plen)).tolist()
-            times = []
-            for _ in range(5):
-                llm.scheduler.block_manager.hash_to_block_id.clear()
-                times.append(timed_generate(llm, [prompt], SamplingParams(temperature=0, max_tokens=1)))
-            rows.append(dict(workload="ttft", engine="minivllm", fusion=llm.config.fusion,
-                             tensor_parallel_size=llm.config.tensor_parallel_size, model_name=args.model_name,
-                             batch_size=1, seq_len=plen, latency_ms=1e3 * sorted(times)[2],
-                             throughput_tokens_per_sec=plen / sorted(times)[2]))
+            prompt = workloads.ttft_prompt(plen)
+            params = SamplingParams(temperature=0, max_tokens=1)
+            timed_generate(llm, [prompt], params)  # autotunes this prompt shape's kernels
+            s = stats([1e3 * timed_generate(llm, [prompt], params) for _ in range(args.reps)])
+            rows.append(dict(base_row(llm, args, "ttft"), batch_size=1, seq_len=plen, **s,
+                             throughput_tokens_per_sec=1e3 * plen / s["latency_ms"]))
             print(rows[-1], flush=True)
     return rows
 
 
-def hf_peer(args) -> list[dict]:
-    """HF transformers generate on the same checkpoint and GPU (eager, its default)."""
-    from transformers import Qwen3ForCausalLM
-    model = Qwen3ForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).cuda().eval()
+def peer_rows(args) -> list[dict]:
+    """The peers of ``--peers`` on the same workload, each in its own process."""
+    from minivllm import peers
+    common = ["--model", args.model, "--model-name", args.model_name, "--workload", args.benchmark,
+              "--batches", ",".join(map(str, args.batches)), "--prompt-lens", ",".join(map(str, args.prompt_lens)),
+              "--gen-tokens", str(args.gen_tokens), "--reps", str(args.reps), "--num-seqs", str(args.num_seqs)]
     rows = []
-    for batch in args.batches:
-        plen = args.prompt_lens[0]
-        ids = torch.randint(0, 10000, (batch, plen), device="cuda")
-        timings = {}
-        for gen in (1, args.gen_tokens + 1):
-            with torch.inference_mode():
-                model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False)
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                model.generate(ids, max_new_tokens=gen, min_new_tokens=gen, do_sample=False)
-                torch.cuda.synchronize()
-                timings[gen] = time.perf_counter() - start
-        step_ms = 1e3 * (timings[args.gen_tokens + 1] - timings[1]) / args.gen_tokens
-        rows.append(dict(workload="decode_latency", engine="hf_transformers", fusion="off", tensor_parallel_size=1,
-                         model_name=args.model_name,
-                         batch_size=batch, seq_len=plen, latency_ms=step_ms,
-                         throughput_tokens_per_sec=batch * 1e3 / step_ms))
-        print(rows[-1], flush=True)
+    for peer in args.peers:
+        if peer == "nano-vllm":
+            rows += peers.run_peer("nano_vllm", ["--nano-vllm", args.nano_vllm, *common], args.peer_timeout)
+        else:
+            mode = "compiled" if peer == "hf_compiled" else "eager"
+            rows += peers.run_peer("hf", ["--mode", mode, *common], args.peer_timeout)
     return rows
 
 
 BENCHMARKS = {"throughput": ("engine_throughput", throughput), "latency": ("engine_latency", latency),
-              "ttft": ("ttft", ttft), "hf": ("hf_latency", hf_peer)}
+              "ttft": ("ttft", ttft)}
 
 
 def main(argv=None):
@@ -229,26 +161,42 @@ def main(argv=None):
     parser.add_argument("benchmark", choices=sorted(BENCHMARKS))
     parser.add_argument("--model", required=True)
     parser.add_argument("--model-name", default=None, help="label for the rows (default: the directory name)")
-    parser.add_argument("--fusion", default="off", help="comma-separated fusion modes, run side by side")
+    parser.add_argument("--fusion", default="off",
+                        help=f"comma-separated fusion modes run side by side, or 'all' ({', '.join(FUSION_MODES)})")
     parser.add_argument("--tensor-parallel-size", default="1",
                         help="comma-separated tensor-parallel sizes (GPUs per engine), run side by side")
+    parser.add_argument("--peers", default="", help=f"comma-separated peer engines to run too, of {PEERS}")
+    parser.add_argument("--nano-vllm", default=os.environ.get("NANO_VLLM_DIR"),
+                        help="nano-vLLM's source directory (a git archive of a named commit), for --peers nano-vllm")
+    parser.add_argument("--peer-timeout", type=float, default=600, help="seconds each peer process may take")
     parser.add_argument("--num-seqs", type=int, default=256)
     parser.add_argument("--batches", default="1,8,32,128,256")
     parser.add_argument("--prompt-lens", default="32,512,4096")
     parser.add_argument("--gen-tokens", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=5, help="samples per configuration")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--out", default="data/results")
     parser.add_argument("--tag", default="", help="suffix for the result file's benchmark name")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("the benchmarks time a GPU; none is available")
-    args.fusion = args.fusion.split(",")
+    args.fusion = list(FUSION_MODES) if args.fusion == "all" else args.fusion.split(",")
+    args.peers = [p for p in args.peers.split(",") if p]
+    unknown = set(args.peers) - set(PEERS)
+    if unknown:
+        parser.error(f"unknown peers {sorted(unknown)}: choose from {PEERS}")
+    if "nano-vllm" in args.peers and not args.nano_vllm:
+        parser.error("--peers nano-vllm needs --nano-vllm DIR (or NANO_VLLM_DIR)")
     args.tensor_parallel_size = [int(t) for t in args.tensor_parallel_size.split(",")]
     args.batches = [int(b) for b in args.batches.split(",")]
     args.prompt_lens = [int(p) for p in args.prompt_lens.split(",")]
     args.model_name = args.model_name or os.path.basename(os.path.normpath(args.model))
+    ceilings = measure_ceilings()
+    print(f"ceilings: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+          f"bf16 matmul {ceilings['bf16_matmul_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
     name, fn = BENCHMARKS[args.benchmark]
-    write_result(name + args.tag, fn(args), args.out)
+    rows = fn(args, ceilings) + peer_rows(args)
+    write_result(name + args.tag, rows, args.out, "python -m minivllm.bench", argv, ceilings=ceilings)
 
 
 if __name__ == "__main__":

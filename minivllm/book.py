@@ -13,10 +13,10 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from minivllm.results import hardware as local_hardware
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PRESET = {"smoke": "qwen3-tiny", "full": "qwen3-0.6b"}
@@ -50,41 +50,6 @@ def checkpoint(preset: str, device: str = "cpu") -> str:
         from minivllm.make_checkpoint import make_checkpoint
         make_checkpoint(preset, str(out), device=device)
     return str(out)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _driver() -> str | None:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30)
-        return out.stdout.splitlines()[0].strip() if out.returncode == 0 and out.stdout else None
-    except (OSError, subprocess.SubprocessError, IndexError):
-        return None
-
-
-def local_hardware(device: str = "auto") -> dict:
-    """This machine in the ``hardware`` schema of the result files (plus ``cpu`` and ``cores``)."""
-    import torch
-    import transformers
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    hw = {"torch": torch.__version__, "triton": triton_version, "transformers": transformers.__version__,
-          "cpu": _cpu_name(), "cores": os.cpu_count()}
-    if device != "cpu" and torch.cuda.is_available():
-        hw.update(gpu=torch.cuda.get_device_name(), driver=_driver(), cuda=torch.version.cuda)
-    return hw
 
 
 def setup(profile: str = "auto", device: str = "auto", model_dir: str | None = None,

@@ -4,7 +4,36 @@ from dataclasses import dataclass, field
 
 import torch
 
-FUSION_MODES = ("off", "norm_linear", "full")
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """Which ops a decoder layer fuses; each rung of ``FUSION_MODES`` adds one fusion to the last.
+
+    ``eager_elementwise``: RoPE and SiLU*up as eager torch ops (the first edition's ``off``),
+    otherwise one Triton kernel each. ``norm_linear``: each RMSNorm folded into the linear it feeds
+    (qkv, gate_up, lm_head). ``qkv_epilogue``: QK-norm, RoPE and the KV store inside the qkv op.
+    ``mlp_epilogue``: SiLU(gate)*up inside the gate_up op. ``gemv_projections``: o_proj and down
+    through ``kernels.linear``, so that a decode step at one row runs one kernel per projection.
+    """
+
+    eager_elementwise: bool = False
+    norm_linear: bool = False
+    qkv_epilogue: bool = False
+    mlp_epilogue: bool = False
+    gemv_projections: bool = False
+
+
+# The ladder from the strongest unfused engine (off) to full, one fusion per rung; eager_elementwise
+# sits below off for the book's history.
+FUSION_MODES = {
+    "eager_elementwise": Fusion(eager_elementwise=True),
+    "off": Fusion(),
+    "norm_linear": Fusion(norm_linear=True),
+    "qkv_epilogue": Fusion(norm_linear=True, qkv_epilogue=True),
+    "mlp_epilogue": Fusion(norm_linear=True, qkv_epilogue=True, mlp_epilogue=True),
+    "full": Fusion(norm_linear=True, qkv_epilogue=True, mlp_epilogue=True, gemv_projections=True),
+}
 
 
 @dataclass
@@ -102,7 +131,7 @@ class Config:
         if self.kvcache_block_size < 1 or self.kvcache_block_size % 16:
             raise ValueError(f"kvcache_block_size must be a positive multiple of 16, got {self.kvcache_block_size}")
         if self.fusion not in FUSION_MODES:
-            raise ValueError(f"fusion must be one of {FUSION_MODES}, got {self.fusion!r}")
+            raise ValueError(f"fusion must be one of {tuple(FUSION_MODES)}, got {self.fusion!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):

@@ -224,6 +224,11 @@ class LLM:
             raise
         return self.scheduler.postprocess(seqs, num_new, tokens)
 
+    def reset_prefix_cache(self):
+        """Forgets every cached prefix, so that the next requests compute their prompts in full
+        (benchmarks: no hits carried from one timed run to the next)."""
+        self.scheduler.block_manager.hash_to_block_id.clear()
+
     def abort_all(self):
         """Drop every unfinished request, returning their KV blocks (keeps the engine usable)."""
         for seq in list(self.scheduler.running):

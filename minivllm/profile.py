@@ -26,7 +26,7 @@ import kernels
 import minivllm.layers.attention as attention_mod
 import minivllm.models.qwen3 as qwen3_mod
 from minivllm import LLM, SamplingParams
-from minivllm.bench import gpu_slug, write_result
+from minivllm.results import write_result
 from minivllm.layers.embed_head import ParallelLMHead
 from minivllm.layers.layernorm import RMSNorm
 from minivllm.layers.rotary import RotaryEmbedding
@@ -237,17 +237,9 @@ def main(argv=None):
         if r["kind"] == "step":
             print(f"{r['fusion']:<12} {r['kernels_per_step']:6.0f} kernels/step  {r['gpu_us_per_step']:9.1f} us kernels  "
                   f"{r['wall_us_per_step']:9.1f} us wall ({'graphs' if r['cuda_graphs'] else 'eager'})")
-    path = write_result("decode_profile", rows, args.out)
-    with open(path) as f:
-        doc = json.load(f)
-    if "gpu" not in doc["hardware"]:  # a CPU run: say which CPU made it
-        from minivllm.book import local_hardware
-        doc["hardware"] = {**local_hardware("cpu"), **doc["hardware"]}
-    doc.update(command=" ".join(["python -m minivllm.profile", *(sys.argv[1:] if argv is None else argv)]),
-               profiled_eager=True, skipped_fusion_modes=skipped)
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=1)
-    return path
+    return write_result("decode_profile", rows, args.out, "python -m minivllm.profile", argv,
+                        device="cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu",
+                        profiled_eager=True, skipped_fusion_modes=skipped)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""The fused engine paths (fusion="norm_linear" and "full") against the unfused one."""
+"""The fused engine paths (every rung of the ladder) against the unfused one."""
 import pytest
 import torch
 
 from minivllm import LLM, SamplingParams
+from minivllm.config import FUSION_MODES
 from tests.helpers import greedy_tokens, random_prompts, tiny_checkpoint
 
 
@@ -35,6 +36,23 @@ def test_full_fusion_keeps_greedy_tokens_through_caching_chunking_and_preemption
     tight = LLM(ckpt, device="cpu", fusion="full", num_kvcache_blocks=6, **settings)
     assert greedy_tokens(tight, prompts, max_tokens=30) == reference
     assert tight.scheduler.num_preemptions > 0
+
+
+def test_every_rung_of_the_ladder_keeps_offs_greedy_tokens():
+    # On CPU each rung runs its ops' torch references: the wiring (which op gets which weights,
+    # residuals, positions and cache slots) is what must agree, rung by rung.
+    ckpt = tiny_checkpoint()
+    prompts = random_prompts([1, 17, 40], seed=21)
+    reference = greedy_tokens(LLM(ckpt, device="cpu", fusion="off"), prompts, max_tokens=12)
+    for mode in FUSION_MODES:
+        if mode != "off":
+            assert greedy_tokens(LLM(ckpt, device="cpu", fusion=mode), prompts, max_tokens=12) == reference, mode
+
+
+def test_fusion_is_chosen_once_per_model():
+    model = LLM(tiny_checkpoint(), device="cpu", fusion="norm_linear").model_runner.model
+    with pytest.raises(RuntimeError, match="once"):
+        model.set_fusion("full")  # the norms are folded already: folding again would scale twice
 
 
 def test_unknown_fusion_is_rejected():

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from minivllm import LLM, SamplingParams
+from minivllm.config import FUSION_MODES
 from minivllm.make_checkpoint import make_checkpoint
 from tests.helpers import greedy_tokens, random_prompts, tiny_checkpoint
 
@@ -18,7 +19,7 @@ def test_tiny_fp32_on_gpu_matches_cpu_reference():
         cpu = greedy_tokens(reference, prompts, max_tokens=24)
         cpu_alone = greedy_tokens(reference, prompts[3:4], max_tokens=24)  # batch 1: the GEMV paths
     for eager in (True, False):
-        for fusion in ("off", "norm_linear", "full"):
+        for fusion in FUSION_MODES:
             with LLM(ckpt, device="cuda", dtype="float32", enforce_eager=eager, fusion=fusion,
                      kvcache_block_size=16, max_num_seqs=8, max_model_len=512, gpu_memory_utilization=0.3) as llm:
                 assert greedy_tokens(llm, prompts, max_tokens=24) == cpu, (eager, fusion)
@@ -66,8 +67,9 @@ def test_qwen3_06b_bf16_fusion_and_graphs_agree(qwen3_06b):
     with LLM(qwen3_06b, dtype="float32", **settings) as fp32:
         exact = step_logits(fp32, prompts, max_tokens=5)
     errors = {}
-    for name, extra in (("off", {}), ("off_eager", dict(enforce_eager=True)), ("norm_linear", dict(fusion="norm_linear")),
-                        ("full", dict(fusion="full"))):
+    modes = [("off", {}), ("off_eager", dict(enforce_eager=True))] + [(m, dict(fusion=m)) for m in FUSION_MODES
+                                                                     if m != "off"]
+    for name, extra in modes:
         with LLM(qwen3_06b, **settings, **extra) as llm:
             got = step_logits(llm, prompts, max_tokens=5)
         assert torch.isfinite(got).all(), name
@@ -102,7 +104,7 @@ def test_qwen3_06b_full_fusion_runs_at_most_6_kernels_per_layer_at_decode(qwen3_
     """
     prompt_len, gen = 1000, torch.Generator().manual_seed(5)
     counts = {}
-    for fusion in ("off", "norm_linear", "full"):
+    for fusion in FUSION_MODES:
         llm = LLM(qwen3_06b, max_model_len=1100, max_num_seqs=4, gpu_memory_utilization=0.5, fusion=fusion,
                   enforce_eager=True, enable_prefix_caching=False)
 
@@ -124,6 +126,7 @@ def test_qwen3_06b_full_fusion_runs_at_most_6_kernels_per_layer_at_decode(qwen3_
         llm.shutdown()  # the KV cache goes now, not at interpreter exit
     print("kernels per decode step: (per layer, outside the layers):", counts)
     assert counts["full"][0] == int(counts["full"][0]), counts
-    assert counts["full"][0] < counts["norm_linear"][0] < counts["off"][0], counts
+    ladder = [counts[m][0] for m in FUSION_MODES]  # eager_elementwise, off, then one fusion per rung
+    assert all(a > b for a, b in zip(ladder, ladder[1:])), counts
     if counts["full"][0] > 6:  # the issue's goal, kept visible rather than lowered
         pytest.xfail(f"goal of <= 6 kernels per layer missed: {counts['full'][0]:.0f} (kernels/NOTES.md)")

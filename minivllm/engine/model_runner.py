@@ -43,8 +43,7 @@ class ModelRunner:
         finally:
             torch.set_default_dtype(default_dtype)
         load_model(self.model, config.model)
-        if config.fusion != "off":
-            self.model.fuse_norms(config.fusion)
+        self.model.set_fusion(config.fusion)
         self.sampler = Sampler()
         self.kv_cache = None
         self.graphs = {}

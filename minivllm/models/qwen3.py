@@ -1,21 +1,21 @@
 """Qwen3 for inference: GQA with per-head QK RMSNorm, RoPE, SwiGLU, merged qkv and gate_up.
 
-With ``fuse_norms`` each RMSNorm that feeds a linear (input_layernorm -> qkv,
-post_attention_layernorm -> gate_up, norm -> lm_head) is folded into that linear's weight
-and computed by ``kernels.rmsnorm_linear`` with the matrix product (fusion "norm_linear").
-Fusion "full" also folds what follows into those ops: QK-norm, RoPE and the KV-cache store
-after qkv (``kernels.rmsnorm_qkv_rope_store``), SiLU(gate) * up after gate_up, and runs o_proj
-and down_proj through ``kernels.linear``. Which kernels run depends on the number of rows
-(``kernels.rmsnorm_linear.path_for``, chosen from H100 measurements in kernels/NOTES.md): one
-(split-K) GEMV per op at a single row, else a row kernel, cuBLAS and an epilogue kernel.
+Each layer runs the ops of its ``Fusion`` (``minivllm.config.FUSION_MODES``), chosen once at load
+by ``set_fusion``. Unfused ("off"), a layer runs what nano-vLLM runs: (add+)RMSNorm, cuBLAS qkv,
+QK-norm, RoPE (one Triton kernel for q and k), the KV store, attention, o_proj, add+RMSNorm,
+gate_up, SiLU*up (one kernel), down. Each rung of the ladder folds one more op into a
+projection: the RMSNorms into the linears they feed (``kernels.rmsnorm_linear``, the norm weight
+folded into W), QK-norm + RoPE + KV store into qkv (``kernels.rmsnorm_qkv_rope_store``), SiLU*up
+into gate_up, and o_proj/down onto ``kernels.linear``. Which kernels run depends on the number of
+rows (``kernels.rmsnorm_linear.path_for``, from measurements in kernels/NOTES.md): one (split-K)
+GEMV per op at a single row, else a row kernel, cuBLAS and an epilogue kernel.
 """
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import kernels
 
-from minivllm.config import FUSION_MODES, ModelConfig
+from minivllm.config import FUSION_MODES, Fusion, ModelConfig
 from minivllm.context import get_context
 from minivllm.distributed import tp_size
 from minivllm.layers.attention import Attention
@@ -39,24 +39,28 @@ class Qwen3Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, self.num_kv_heads)
+        self.fusion = Fusion()
 
-    def forward(self, positions, qkv):
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], -1)
-        q = self.q_norm(q.reshape(-1, self.head_dim)).view(-1, self.num_heads, self.head_dim)
-        k = self.k_norm(k.reshape(-1, self.head_dim)).view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary_emb(positions, q, k)
-        o = self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim))
-        return self.o_proj(o.flatten(1))
-
-    def forward_fused(self, positions, hidden, residual, input_layernorm: RMSNorm):
-        """The whole block from the un-normalised residual stream: one kernel up to q and the
-        cached K/V, then attention and o_proj. Returns the output and the new residual."""
-        out = kernels.rmsnorm_qkv_rope_store(
-            hidden, self.qkv_proj.weight, input_layernorm.eps, residual, self.q_norm.weight, self.k_norm.weight,
-            self.q_norm.eps, self.rotary_emb.cos_sin, positions, self.attn.k_cache, self.attn.v_cache,
-            get_context().slot_mapping)
-        q, residual = (out, hidden) if residual is None else out
-        return self.o_proj(self.attn(q).flatten(1)), residual
+    def forward(self, positions, hidden, residual, input_layernorm: RMSNorm):
+        """The block from the un-normalised residual stream (``hidden`` + ``residual``) to o_proj's
+        output; returns that and the new residual."""
+        if self.fusion.qkv_epilogue:
+            out = kernels.rmsnorm_qkv_rope_store(
+                hidden, self.qkv_proj.weight, input_layernorm.eps, residual, self.q_norm.weight,
+                self.k_norm.weight, self.q_norm.eps, self.rotary_emb.cos_sin, positions, self.attn.k_cache,
+                self.attn.v_cache, get_context().slot_mapping)
+            q, residual = (out, hidden) if residual is None else out
+            o = self.attn(q)
+        else:
+            # Every column gets the 1/rms scale although q and k's own RMSNorm cancels it: skipping it saves
+            # nothing in a GEMV epilogue and would split the cuBLAS route's GEMM in two (NOTES.md).
+            qkv, residual = norm_linear(input_layernorm, self.qkv_proj, hidden, residual, self.fusion.norm_linear)
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], -1)
+            q = self.q_norm(q.view(-1, self.num_heads, self.head_dim))
+            k = self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim))
+            q, k = self.rotary_emb(positions, q, k)
+            o = self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim))
+        return self.o_proj(o.flatten(1)), residual
 
 
 class Qwen3MLP(nn.Module):
@@ -64,10 +68,17 @@ class Qwen3MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size)
+        self.fusion = Fusion()
 
-    def forward(self, gate_up):
-        gate, up = gate_up.chunk(2, -1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, hidden, residual, norm: RMSNorm):
+        """down(SiLU(gate) * up) of ``norm(hidden + residual)``; returns that and the new residual."""
+        if self.fusion.mlp_epilogue:
+            act, residual = kernels.rmsnorm_linear(hidden, self.gate_up_proj.weight, norm.eps, residual,
+                                                   silu_mul=True)
+        else:
+            gate_up, residual = norm_linear(norm, self.gate_up_proj, hidden, residual, self.fusion.norm_linear)
+            act = kernels.silu_mul_ref(gate_up) if self.fusion.eager_elementwise else kernels.silu_mul(gate_up)
+        return self.down_proj(act), residual
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -78,21 +89,9 @@ class Qwen3DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions, hidden, residual, fusion: str):
-        if fusion == "full":
-            hidden, residual = self.self_attn.forward_fused(positions, hidden, residual, self.input_layernorm)
-            norm = self.post_attention_layernorm
-            act, residual = kernels.rmsnorm_linear(hidden, self.mlp.gate_up_proj.weight, norm.eps, residual,
-                                                   silu_mul=True)
-            return self.mlp.down_proj(act), residual
-        fused = fusion == "norm_linear"
-        attn = self.self_attn
-        # Every column gets the 1/rms scale here although q and k's own RMSNorm cancels it: skipping it
-        # saves nothing in a GEMV epilogue and would split the cuBLAS route's GEMM in two (NOTES.md).
-        qkv, residual = norm_linear(self.input_layernorm, attn.qkv_proj, hidden, residual, fused)
-        hidden = attn(positions, qkv)
-        gate_up, residual = norm_linear(self.post_attention_layernorm, self.mlp.gate_up_proj, hidden, residual, fused)
-        return self.mlp(gate_up), residual
+    def forward(self, positions, hidden, residual):
+        hidden, residual = self.self_attn(positions, hidden, residual, self.input_layernorm)
+        return self.mlp(hidden, residual, self.post_attention_layernorm)
 
 
 class Qwen3Model(nn.Module):
@@ -101,14 +100,13 @@ class Qwen3Model(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.fusion = "off"
 
     def forward(self, input_ids, positions):
         """Returns the last layer's output and residual; the final norm is applied by
         ``compute_logits`` to the rows that are sampled."""
         hidden, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, self.fusion)
+            hidden, residual = layer(positions, hidden, residual)
         return hidden, residual
 
 
@@ -123,19 +121,33 @@ class Qwen3ForCausalLM(nn.Module):
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.fusion_mode = "off"
+        self.fusion = FUSION_MODES["off"]
 
     def forward(self, input_ids, positions):
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden, residual):
-        fused = self.model.fusion != "off"
-        return self.lm_head.logits(norm_linear(self.model.norm, self.lm_head, hidden, residual, fused)[0])
+        return self.lm_head.logits(norm_linear(self.model.norm, self.lm_head, hidden, residual,
+                                               self.fusion.norm_linear)[0])
 
-    def fuse_norms(self, fusion: str = "norm_linear"):
-        """Fold each RMSNorm weight into the linear it feeds (once, at load time) and run the
-        fused kernels of ``fusion`` ("norm_linear" or "full") from now on."""
-        if fusion not in FUSION_MODES[1:]:
-            raise ValueError(f"fuse_norms: fusion must be one of {FUSION_MODES[1:]}, got {fusion!r}")
+    def set_fusion(self, mode: str):
+        """Chooses every layer's ops once, at load (``FUSION_MODES[mode]``); a mode that fuses the
+        norms folds each RMSNorm weight into the linear it feeds, so it can be set only once."""
+        if mode not in FUSION_MODES:
+            raise ValueError(f"fusion must be one of {tuple(FUSION_MODES)}, got {mode!r}")
+        if self.fusion_mode != "off":
+            raise RuntimeError(f"the fusion mode is chosen once per model; it is already {self.fusion_mode!r}")
+        fusion = FUSION_MODES[mode]
+        if fusion.norm_linear:
+            self._fold_norms()
+        for layer in self.model.layers:
+            layer.self_attn.fusion = layer.mlp.fusion = fusion
+            layer.self_attn.rotary_emb.eager = fusion.eager_elementwise
+            layer.self_attn.o_proj.gemv = layer.mlp.down_proj.gemv = fusion.gemv_projections
+        self.fusion_mode, self.fusion = mode, fusion
+
+    def _fold_norms(self):
         if any(layer.self_attn.qkv_proj.bias is not None for layer in self.model.layers):
             raise ValueError("RMSNorm+linear fusion does not support a qkv bias")
         with torch.no_grad():
@@ -146,9 +158,6 @@ class Qwen3ForCausalLM(nn.Module):
             # A tied lm_head gets a weight of its own: the embedding must stay unscaled.
             self.lm_head.weight = nn.Parameter(kernels.fold_rmsnorm_weight(self.model.norm.weight, self.lm_head.weight),
                                                requires_grad=False)
-        for layer in self.model.layers:
-            layer.self_attn.o_proj.gemv = layer.mlp.down_proj.gemv = fusion == "full"
-        self.model.fusion = fusion
 
 
 def norm_linear(norm: RMSNorm, linear: nn.Module, x, residual, fused: bool):
