@@ -336,6 +336,10 @@ def main(argv=None):
     rep = 10 if args.quick else 20
     start = time.time()
     rows = []
+
+    def save():  # after every model too, so that a run cut short still leaves its rows
+        write_result("kernels" + args.tag, rows, args.out, "python -m kernels.bench", argv, ceilings=CEILINGS,
+                     dispatch={"GEMV_MAX_M": rl.GEMV_MAX_M, "CUBLAS_MIN_M": rl.CUBLAS_MIN_M, "SMALL_M": rl.SMALL_M})
     ms = args.ms or (QUICK_MS if args.quick else MS)
     for model in MODELS:
         for op, bench in [(op, bench_op) for op in ops(model)] + [(op, bench_linear) for op in linear_ops(model)]:
@@ -346,10 +350,10 @@ def main(argv=None):
                 print(f"{time.time() - start:6.0f}s {op.model} {op.op} M={M}: fused {fused['us_median']:.2f} us "
                       f"(floor {fused['floor_us']:.2f}), err {fused['rel_err_vs_fp64']:.2e}", flush=True)
                 torch.cuda.empty_cache()
+        save()
     if args.sweep:
         rows += sweep(rep)
-    write_result("kernels" + args.tag, rows, args.out, "python -m kernels.bench", argv, ceilings=CEILINGS,
-                 dispatch={"GEMV_MAX_M": rl.GEMV_MAX_M, "CUBLAS_MIN_M": rl.CUBLAS_MIN_M, "SMALL_M": rl.SMALL_M})
+        save()
     print_table(rows)
     print(f"\n{time.time() - start:.0f} s")
 

@@ -88,28 +88,29 @@ class Results:
     date: str
     git_commit: str | None
     path: Path
+    ceilings: dict | None = None  # the GPU's measured copy bandwidth and matmul rate, where the run measured them
 
     @property
     def label(self) -> str:
         return machine_label(self.hardware)
 
 
-def load_results(name: str, results_dir: str | os.PathLike = "data/results") -> Results | None:
-    """``<results_dir>/<name>-<gpu slug>.json`` as a DataFrame; the H100's file when several GPUs'
-    files exist, else the newest. None when there is none. A tagged run of the same benchmark
-    (``engine_latency-qwen3-8b-<gpu>.json``) is another name: files are matched on their
-    "benchmark" field."""
+def load_results(name: str, results_dir: str | os.PathLike = "data/results", gpu: str | None = None) -> Results | None:
+    """``<results_dir>/<name>-<gpu slug>.json`` as a DataFrame: of the files whose slug contains
+    ``gpu`` (e.g. "h100" for the first edition's runs), or of all, the newest by its date. None when
+    there is none. A tagged run of the same benchmark (``engine_latency-qwen3-8b-<gpu>.json``) is
+    another name: files are matched on their "benchmark" field."""
     import pandas as pd
     results_dir = _resolve(results_dir)
     docs = {p: json.loads(p.read_text()) for p in sorted(results_dir.glob(f"{name}-*.json"))}
-    files = [p for p, doc in docs.items() if doc.get("benchmark") == name]
+    files = [p for p, doc in docs.items() if doc.get("benchmark") == name
+             and (gpu is None or gpu in p.name[len(name) + 1:].lower())]
     if not files:
         return None
-    h100 = [p for p in files if "h100" in p.name.lower()]
-    path = max(h100 or files, key=lambda p: p.stat().st_mtime)
+    path = max(files, key=lambda p: (docs[p].get("date", ""), p.stat().st_mtime))
     doc = docs[path]
     return Results(name, pd.DataFrame(doc.get("rows", [])), doc.get("hardware", {}), doc.get("command", ""),
-                   doc.get("date", ""), doc.get("git_commit"), path)
+                   doc.get("date", ""), doc.get("git_commit"), path, doc.get("ceilings"))
 
 
 def machine_label(hardware: dict) -> str:
