@@ -13,10 +13,8 @@ attributed to the innermost engine op (module or kernels call) that launched it.
 import argparse
 import collections
 import gc
-import json
 import re
 import statistics
-import sys
 import time
 
 import torch
@@ -26,6 +24,8 @@ import kernels
 import minivllm.layers.attention as attention_mod
 import minivllm.models.qwen3 as qwen3_mod
 from minivllm import LLM, SamplingParams
+from minivllm.config import FUSION_MODES
+from minivllm.costs import measure_ceilings
 from minivllm.results import write_result
 from minivllm.layers.embed_head import ParallelLMHead
 from minivllm.layers.layernorm import RMSNorm
@@ -213,7 +213,7 @@ def profile_mode(args, fusion: str) -> list[dict]:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
-    parser.add_argument("--fusion", default="off,norm_linear,full")
+    parser.add_argument("--fusion", default=",".join(FUSION_MODES))
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--steps", type=int, default=10, help="decode steps profiled (and timed)")
@@ -237,8 +237,9 @@ def main(argv=None):
         if r["kind"] == "step":
             print(f"{r['fusion']:<12} {r['kernels_per_step']:6.0f} kernels/step  {r['gpu_us_per_step']:9.1f} us kernels  "
                   f"{r['wall_us_per_step']:9.1f} us wall ({'graphs' if r['cuda_graphs'] else 'eager'})")
+    on_gpu = torch.cuda.is_available() and args.device != "cpu"
     return write_result("decode_profile", rows, args.out, "python -m minivllm.profile", argv,
-                        device="cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu",
+                        device="cuda" if on_gpu else "cpu", ceilings=measure_ceilings() if on_gpu else None,
                         profiled_eager=True, skipped_fusion_modes=skipped)
 
 
