@@ -150,3 +150,132 @@ def test_rejects_what_it_does_not_implement():
     with pytest.raises(NotImplementedError, match="one query token"):
         flash_attn.flash_attn_with_kvcache(q.view(2, 2, 2, 16), torch.zeros(1, 16, 2, 16), torch.zeros(1, 16, 2, 16),
                                            cache_seqlens=torch.tensor([2, 2]), block_table=torch.zeros(2, 1))
+
+
+# ---- nano-vLLM's Qwen3 on the stand-in (CPU, interpreter) ---------------------------------------------------------
+NANO_BLOCK = 256  # nano-vLLM's KV block size (its Config asserts a multiple of 256)
+
+
+@pytest.fixture(scope="module")
+def nano_qwen3(tmp_path_factory):
+    """nano-vLLM's model on the tiny checkpoint with its KV cache laid out as its model runner does, its
+    torch.compile'd pieces run eagerly, in a one-process gloo group (its layers ask for the TP world).
+
+    In fp16, as nano-vLLM's model runner sets the default dtype: in fp32 its RMSNorm is wrong (``x.float()`` is
+    then ``x`` itself, which it normalises in place, residual included), and the interpreter's bf16 dot is."""
+    import torch.distributed as dist
+    from transformers import AutoConfig
+
+    from tests.helpers import tiny_checkpoint
+
+    sys.path.insert(0, NANO_VLLM_DIR)
+    from nanovllm.models.qwen3 import Qwen3ForCausalLM
+    from nanovllm.utils.loader import load_model
+
+    torch._dynamo.config.disable = True
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('pg')}/store", rank=0, world_size=1)
+    try:
+        ckpt = tiny_checkpoint()
+        config = AutoConfig.from_pretrained(ckpt)
+        torch.set_default_dtype(torch.float16)
+        try:
+            model = Qwen3ForCausalLM(config)
+        finally:
+            torch.set_default_dtype(torch.float32)
+        load_model(model, ckpt)
+        shape = (2, config.num_hidden_layers, 8, NANO_BLOCK, config.num_key_value_heads, config.head_dim)
+        kv_cache = torch.full(shape, float("nan"), dtype=torch.float16)
+        layers = [m for m in model.modules() if hasattr(m, "k_cache")]
+        for i, layer in enumerate(layers):
+            layer.k_cache, layer.v_cache = kv_cache[0, i], kv_cache[1, i]
+        yield ckpt, model
+    finally:
+        dist.destroy_process_group()
+        torch._dynamo.config.disable = False
+        sys.path.remove(NANO_VLLM_DIR)
+
+
+def ints(values, dtype=torch.int32):
+    return torch.tensor(values, dtype=dtype)
+
+
+def slot(table, position):
+    return table[position // NANO_BLOCK] * NANO_BLOCK + position % NANO_BLOCK
+
+
+def padded_tables(tables):
+    width = max(len(t) for t in tables)
+    return ints([t + [-1] * (width - len(t)) for t in tables])
+
+
+def nano_prefill(model, seqs):
+    """One prefill step over ``(tokens, num_cached, block_table)`` per sequence, with the context nano-vLLM's
+    prepare_prefill builds: a block table only when some sequence has cached tokens. Last-token logits."""
+    from nanovllm.utils.context import reset_context, set_context
+    ids, positions, slots, cu_q, cu_k = [], [], [], [0], [0]
+    for tokens, cached, table in seqs:
+        ids += tokens[cached:]
+        positions += range(cached, len(tokens))
+        slots += [slot(table, j) for j in range(cached, len(tokens))]
+        cu_q.append(cu_q[-1] + len(tokens) - cached)
+        cu_k.append(cu_k[-1] + len(tokens))
+    tables = padded_tables([t for _, _, t in seqs]) if cu_k[-1] > cu_q[-1] else None
+    set_context(True, ints(cu_q), ints(cu_k), max(b - a for a, b in zip(cu_q, cu_q[1:])),
+                max(len(t) for t, _, _ in seqs), ints(slots), None, tables)
+    try:
+        return model.compute_logits(model(ints(ids, torch.int64), ints(positions, torch.int64)))
+    finally:
+        reset_context()
+
+
+def nano_decode(model, seqs):
+    """One decode step over ``(tokens, block_table)`` per sequence, the last token being the new one."""
+    from nanovllm.utils.context import reset_context, set_context
+    set_context(False, slot_mapping=ints([slot(t, len(s) - 1) for s, t in seqs]),
+                context_lens=ints([len(s) for s, _ in seqs]), block_tables=padded_tables([t for _, t in seqs]))
+    try:
+        return model.compute_logits(model(ints([s[-1] for s, _ in seqs], torch.int64),
+                                          ints([len(s) - 1 for s, _ in seqs], torch.int64)))
+    finally:
+        reset_context()
+
+
+@runs_kernels
+@needs_nano_vllm
+def test_nano_vllm_qwen3_on_the_standin_matches_hf(nano_qwen3):
+    # Every attention path nano-vLLM takes: a fresh prefill (contiguous K/V, one sequence spanning two blocks),
+    # decode steps, and a prefill that hits a cached block (a block table, more keys than queries). Fed HF's greedy
+    # tokens (an fp16 near-tie must not fork the sequences), every step's logits must match HF transformers' in
+    # fp32 on the whole sequences.
+    from transformers import Qwen3ForCausalLM
+
+    from tests.helpers import random_prompts
+    ckpt, model = nano_qwen3
+    hf = Qwen3ForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    short, long, tail = random_prompts([5, 300, 30], seed=7)
+    prompts = {"short": short, "long": long, "shared": long[:NANO_BLOCK] + tail}  # shared: long's first block
+    steps = {"short": 4, "long": 4, "shared": 3}
+    with torch.inference_mode():
+        expected, seqs = {}, {}
+        for name, prompt in prompts.items():
+            seqs[name] = hf.generate(ints([prompt], torch.int64), max_new_tokens=steps[name] - 1, do_sample=False,
+                                     min_new_tokens=steps[name] - 1)[0].tolist()
+            expected[name] = hf(ints([seqs[name]], torch.int64)).logits[0, len(prompt) - 1:]
+        tables = {"short": [5], "long": [2, 6], "shared": [2, 7]}
+        got = {name: [] for name in prompts}
+
+        def until(name, step):  # the sequence as nano-vLLM holds it at a step
+            return seqs[name][:len(prompts[name]) + step]
+
+        for name, rows in zip(["short", "long"], nano_prefill(model, [(until("short", 0), 0, tables["short"]),
+                                                                      (until("long", 0), 0, tables["long"])])):
+            got[name].append(rows)
+        for step in range(1, 4):
+            for name, rows in zip(["short", "long"], nano_decode(model, [(until(n, step), tables[n])
+                                                                         for n in ("short", "long")])):
+                got[name].append(rows)
+        got["shared"].append(nano_prefill(model, [(until("shared", 0), NANO_BLOCK, tables["shared"])])[0])
+        for step in range(1, 3):
+            got["shared"].append(nano_decode(model, [(until("shared", step), tables["shared"])])[0])
+    for name in prompts:
+        torch.testing.assert_close(torch.stack(got[name]).float(), expected[name], atol=2e-2, rtol=2e-2)
