@@ -9,10 +9,8 @@ import torch
 from minivllm import LLM
 from minivllm.peers import PeerError, run_peer
 from minivllm.peers import hf as hf_peer
-from tests.helpers import greedy_tokens, random_prompts, tiny_checkpoint
+from tests.helpers import PEER_ROW_FIELDS, greedy_tokens, random_prompts, tiny_checkpoint
 
-ROW_FIELDS = {"workload", "engine", "fusion", "tensor_parallel_size", "model_name", "batch_size", "seq_len",
-              "latency_ms", "samples_ms", "throughput_tokens_per_sec", "peak_memory_mb", "peer", "peer_commit", "notes"}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +52,7 @@ def test_hf_runner_rows_through_run_peer():
     assert [(r["workload"], r["batch_size"], r["seq_len"]) for r in rows] == [("decode_latency", 1, 8),
                                                                              ("decode_latency", 2, 8)]
     for r in rows:
-        assert ROW_FIELDS <= set(r) and (r["engine"], r["fusion"], r["gen_tokens"]) == ("hf_transformers", None, 3)
+        assert PEER_ROW_FIELDS <= set(r) and (r["engine"], r["fusion"], r["gen_tokens"]) == ("hf_transformers", None, 3)
         assert r["peer"] == "huggingface/transformers" and r["peer_commit"].startswith("v5.")
         assert len(r["samples_ms"]) == 5 and r["latency_ms"] == sorted(r["samples_ms"])[2]
         assert r["throughput_tokens_per_sec"] == pytest.approx(r["batch_size"] * 1e3 / r["latency_ms"])

@@ -18,6 +18,7 @@ from tests.kernel_testing import DEVICE, kernel_test_setup, select_interpreter
 select_interpreter()
 
 from minivllm.peers import REPO_ROOT, STANDINS_DIR  # noqa: E402
+from tests.helpers import PEER_ROW_FIELDS  # noqa: E402
 
 sys.path.insert(0, STANDINS_DIR)
 import flash_attn  # noqa: E402  (the stand-in)
@@ -287,8 +288,6 @@ def test_nano_vllm_qwen3_on_the_standin_matches_hf(nano_qwen3):
 
 
 # ---- the nano-vLLM runner without a GPU ---------------------------------------------------------------------------
-ROW_FIELDS = {"workload", "engine", "fusion", "tensor_parallel_size", "model_name", "batch_size", "seq_len",
-              "latency_ms", "samples_ms", "throughput_tokens_per_sec", "peak_memory_mb", "peer", "peer_commit", "notes"}
 COMMIT = "bb823b3e06983d71485a8e1f23715ebd87d98ef8"
 
 
@@ -372,7 +371,7 @@ def test_nano_latency_rows_follow_minivllm_bench():
     rows = nano_rows(engine, args)
     assert [(r["batch_size"], r["seq_len"]) for r in rows] == [(1, 16), (4, 16)]
     for r in rows:
-        assert ROW_FIELDS <= set(r)
+        assert PEER_ROW_FIELDS <= set(r)
         assert (r["workload"], r["engine"], r["fusion"], r["tensor_parallel_size"]) == ("decode_latency", "nano-vllm",
                                                                                          None, 1)
         assert (r["peer"], r["peer_commit"], r["model_name"]) == ("GeeeekExplorer/nano-vllm", COMMIT, "qwen3-0.6b")
@@ -394,7 +393,7 @@ def test_nano_ttft_rows():
     rows = nano_rows(engine, nano_args("ttft", "--prompt-lens", "128,1024"))
     assert [(r["workload"], r["batch_size"], r["seq_len"]) for r in rows] == [("ttft", 1, 128), ("ttft", 1, 1024)]
     for r in rows:
-        assert ROW_FIELDS <= set(r) and r["samples_ms"] == pytest.approx([21.0] * 5)
+        assert PEER_ROW_FIELDS <= set(r) and r["samples_ms"] == pytest.approx([21.0] * 5)
         assert r["throughput_tokens_per_sec"] == pytest.approx(r["seq_len"] / 0.021)
     assert [c[1:] for c in engine.calls if c != "reset"] == [([ttft_prompt(128)], 1)] * 6 + [([ttft_prompt(1024)], 1)] * 6
     assert_reset_before_every_run(engine)
@@ -406,7 +405,7 @@ def test_nano_throughput_rows(token_s, reps):
     engine = FakeEngine(token_s=token_s)
     [r] = nano_rows(engine, nano_args("throughput", "--num-seqs", "16"))
     out_tokens = sum(q.max_tokens for q in throughput_requests(16))
-    assert ROW_FIELDS <= set(r) and (r["workload"], r["batch_size"], r["seq_len"]) == ("throughput", 16, None)
+    assert PEER_ROW_FIELDS <= set(r) and (r["workload"], r["batch_size"], r["seq_len"]) == ("throughput", 16, None)
     assert r["output_tokens"] == out_tokens and r["kv_cache_mb"] == 64.0
     # 3 timed runs when each lasts over 5 s, else 5; nano-vLLM's warm-up first
     assert r["samples_ms"] == pytest.approx([1e3 * (0.25 + token_s * out_tokens)] * reps)
