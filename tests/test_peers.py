@@ -32,8 +32,10 @@ TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol
              torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + [torch.bfloat16] * (DEVICE == "cuda"),
                                  ids=str)
-# (num_q_heads, num_kv_heads, head_dim): GQA groups of 2 and 4, and plain multi-head attention.
-HEADS = pytest.mark.parametrize("heads", [(4, 2, 16), (8, 2, 32), (2, 2, 16)], ids=str)
+# (num_q_heads, num_kv_heads, head_dim): GQA groups of 2 and 4, plain multi-head attention, and on the GPU
+# Qwen3-0.6B's heads.
+HEADS = pytest.mark.parametrize("heads", [(4, 2, 16), (8, 2, 32), (2, 2, 16)] + [(16, 8, 128)] * (DEVICE == "cuda"),
+                                ids=str)
 
 
 def causal_attention(q, k, v, scale):
@@ -453,3 +455,27 @@ def test_nano_vllm_runs_through_run_peer(tmp_path):
         assert r["engine"] == "nano-vllm" and r["peer_commit"] == read_commit(NANO_VLLM_DIR)
         assert len(r["samples_ms"]) >= 3 and r["latency_ms"] > 0 and r["peak_memory_mb"] > 0
     assert throughput[0]["output_tokens"] > 0 and throughput[0]["kv_cache_mb"] > 0
+
+
+@needs_nano_vllm
+def test_nano_engine_reset_forgets_nano_vllms_prefix_cache(monkeypatch):
+    # What keeps one timed run from hitting blocks an earlier run cached, in nano-vLLM's own block manager.
+    import types
+    monkeypatch.syspath_prepend(NANO_VLLM_DIR)
+    from nanovllm.engine.block_manager import BlockManager
+    from nanovllm.engine.sequence import Sequence
+
+    from minivllm.peers.nano_vllm import NanoEngine
+    manager = BlockManager(num_blocks=6, block_size=NANO_BLOCK)
+    prompt = list(range(600))  # two full blocks and a partial one
+    first = Sequence(prompt)
+    manager.allocate(first, manager.can_allocate(first))
+    first.num_scheduled_tokens = len(prompt)
+    manager.hash_blocks(first)
+    manager.deallocate(first)
+    assert manager.can_allocate(Sequence(prompt)) == 2  # a run after it would reuse both full blocks
+    NanoEngine(types.SimpleNamespace(scheduler=types.SimpleNamespace(block_manager=manager)), None).reset()
+    again = Sequence(prompt)
+    assert manager.can_allocate(again) == 0
+    manager.allocate(again, 0)
+    assert len(again.block_table) == 3 and again.num_cached_tokens == 0

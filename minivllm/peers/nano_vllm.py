@@ -5,11 +5,13 @@ measures minivllm: the same requests (minivllm.workloads), the same timing and f
         --workload throughput|latency|ttft [--batches 1,8,32,128,256] [--prompt-lens 128] [--gen-tokens 128] \\
         [--reps 5] --rows-out rows.json
 
-DIR holds a ``git archive`` of a nano-vLLM commit and a COMMIT file naming it (the rows record it). nano-vLLM
+The --nano-vllm directory holds a ``git archive`` of a nano-vLLM commit and a COMMIT file naming it (the rows
+record it); its code is not part of this repository. nano-vLLM
 imports flash-attn, which has no wheel for our GPU box: ``minivllm/peers/standins/flash_attn`` stands in for it
 on minivllm's Triton attention, so the two engines differ in everything except the attention kernel. Everything
 else is nano-vLLM as published, with its defaults (CUDA graphs, 256-token KV blocks, max_num_seqs 512,
-max_num_batched_tokens 16384, a KV cache of gpu_memory_utilization 0.9 of the GPU).
+max_num_batched_tokens 16384, a KV cache of gpu_memory_utilization 0.9 of the GPU). The checkpoint must be bf16
+or fp16: in fp32 nano-vLLM's RMSNorm normalises its input in place (``x.float()`` is then ``x``), residual included.
 
 One workload per process: nano-vLLM initialises torch.distributed (NCCL on port 2333) once per process, and
 max_model_len, which minivllm.bench sets per workload, fixes its CUDA graphs' block tables and with them how our

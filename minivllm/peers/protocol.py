@@ -2,10 +2,11 @@
 ``generate`` calls as ``minivllm.bench`` times minivllm's, and the result rows.
 
 Timing: CUDA-synchronised wall time of one ``generate`` call that runs its requests to completion, after an
-untimed warm-up of the same shape (its first run compiles and autotunes; how much longer it took is kept as ``first_call_overhead_s``). Decode latency is minivllm.bench's
-``(time of 1 + N tokens - time of 1 token) / N`` per decode step; here each sample is one such pair, and every
-configuration is measured ``--reps`` times (at least 5) with the samples kept in the row and their median
-reported. An engine's ``reset()`` runs untimed before every timed call (nano-vLLM forgets its prefix cache, as
+untimed warm-up of the same shape (a shape's first run compiles and autotunes: how much longer it took than the
+median is kept as ``first_call_overhead_s``). Decode latency is minivllm.bench's
+``(time of 1 + N tokens - time of 1 token) / N`` per decode step; here each sample is one such pair of runs, and
+every configuration is measured ``--reps`` times (5 by default) with the samples and their spread kept in the row
+and their median reported as ``latency_ms``. An engine's ``reset()`` runs untimed before every timed call (nano-vLLM forgets its prefix cache, as
 minivllm.bench clears minivllm's).
 
 An engine here is any object with ``reset()`` and ``generate(prompts, max_tokens) -> generated token counts``.
@@ -22,7 +23,7 @@ import torch
 from minivllm.workloads import latency_prompts, throughput_requests, ttft_prompt
 
 MIN_REPS = 5
-THROUGHPUT_REPS = 3  # the protocol's "5 times, or 3 runs" when each run is long
+THROUGHPUT_REPS = 3  # enough when each run is longer than LONG_RUN_S, else MIN_REPS
 LONG_RUN_S = 5.0
 
 
@@ -99,8 +100,8 @@ def median(xs) -> float:
 
 
 def decode_latency_samples(engine, prompts, gen_tokens, reps, clock=time.perf_counter):
-    """Per-step ms, prefill (1-token run) ms and full-run s samples, one pair of runs per sample, after an
-    untimed run of each; also the first full run's seconds beyond the median full run (compile, autotuning)."""
+    """Per-step ms and prefill (1-token run) ms samples, one pair of runs per sample, after an untimed run of
+    each; and how many seconds the first full run took beyond the median one (compiling, autotuning)."""
     one = functools.partial(generate_checked, engine, prompts, 1)
     full = functools.partial(generate_checked, engine, prompts, gen_tokens + 1)
     first_s = timed_s(engine, full, clock)
@@ -158,7 +159,7 @@ def ttft_rows(engine, args, base: dict, clock=time.perf_counter):
 
 
 def emit(rows, path: str) -> list[dict]:
-    """Write each row as it comes (a later failure keeps the rows before it) and print it."""
+    """Print each row as it comes and rewrite the file with the rows so far (a run cut short keeps them)."""
     done = []
     for r in rows:
         done.append(r)
