@@ -479,3 +479,33 @@ def test_nano_engine_reset_forgets_nano_vllms_prefix_cache(monkeypatch):
     assert manager.can_allocate(again) == 0
     manager.allocate(again, 0)
     assert len(again.block_table) == 3 and again.num_cached_tokens == 0
+
+
+@needs_nano_vllm
+def test_nano_vllm_takes_the_runners_settings_and_our_checkpoint(monkeypatch, tmp_path):
+    from dataclasses import fields
+
+    from minivllm.make_checkpoint import make_checkpoint
+    from minivllm.peers.nano_vllm import NEAR_GREEDY_TEMPERATURE, engine_settings, load_nano_vllm
+    monkeypatch.setattr(sys, "path", list(sys.path))  # load_nano_vllm puts nano-vLLM and the stand-in first
+    llm_class, sampling_params_class = load_nano_vllm(NANO_VLLM_DIR)
+    from nanovllm.config import Config
+    assert llm_class.__module__.startswith("nanovllm") and sys.modules["flash_attn"] is flash_attn
+    args = nano_args("latency")
+    settings = engine_settings(args, 272)
+    assert set(settings) <= {f.name for f in fields(Config)}  # else nano-vLLM would drop them silently
+    config = Config(make_checkpoint("qwen3-tiny", str(tmp_path / "tiny"), torch_dtype="bfloat16"), **settings)
+    assert (config.max_model_len, config.gpu_memory_utilization, config.kvcache_block_size) == (272, 0.9, NANO_BLOCK)
+    assert config.hf_config.dtype == torch.bfloat16
+    with pytest.raises(AssertionError, match="greedy"):
+        sampling_params_class(temperature=0.0)
+    sampling_params_class(temperature=NEAR_GREEDY_TEMPERATURE)  # passes its check
+
+
+@needs_nano_vllm
+def test_nano_runner_refuses_an_fp32_checkpoint_before_starting(tmp_path):
+    from minivllm.make_checkpoint import make_checkpoint
+    from minivllm.peers import nano_vllm
+    ckpt = make_checkpoint("qwen3-tiny", str(tmp_path / "tiny"), vocab_size=10240)  # fp32
+    with pytest.raises(SystemExit, match="bf16 or fp16"):
+        nano_vllm.main(["--nano-vllm", NANO_VLLM_DIR, "--model", ckpt, "--workload", "ttft", "--rows-out", "unused"])

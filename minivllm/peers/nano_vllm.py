@@ -135,6 +135,12 @@ def workload_rows(engine, args, base, clock=time.perf_counter):
     return rows(engine, args, base, clock)
 
 
+def engine_settings(args, model_len: int) -> dict:
+    """nano-vLLM's LLM keeps only the keywords its Config has, silently: a test checks these against it."""
+    return dict(enforce_eager=False, max_model_len=model_len, tensor_parallel_size=1,
+                gpu_memory_utilization=args.gpu_memory_utilization)
+
+
 def load_nano_vllm(nano_dir: str):
     """nano-vLLM's LLM and SamplingParams, imported with the stand-in flash_attn first on sys.path."""
     if not os.path.isdir(os.path.join(nano_dir, "nanovllm")):
@@ -149,18 +155,17 @@ def load_nano_vllm(nano_dir: str):
 
 def main(argv=None):
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("nano-vLLM needs a CUDA GPU")
     commit = read_commit(args.nano_vllm)
     config = AutoConfig.from_pretrained(args.model)
     check_vocab(args, config.vocab_size)
     if config.dtype not in (torch.bfloat16, torch.float16):
         # Its RMSNorm normalises x.float() in place, which for an fp32 model is x itself (the residual too).
         raise SystemExit(f"nano-vLLM computes wrong results for a {config.dtype} model: use a bf16 or fp16 checkpoint")
+    if not torch.cuda.is_available():
+        raise SystemExit("nano-vLLM needs a CUDA GPU")
     LLM, SamplingParams = load_nano_vllm(args.nano_vllm)
     model_len = max_model_len(args)
-    llm = LLM(os.path.abspath(args.model), enforce_eager=False, max_model_len=model_len, tensor_parallel_size=1,
-              gpu_memory_utilization=args.gpu_memory_utilization)
+    llm = LLM(os.path.abspath(args.model), **engine_settings(args, model_len))
     emit(workload_rows(NanoEngine(llm, SamplingParams), args, base_row(args, commit, model_len)), args.rows_out)
 
 
