@@ -13,6 +13,10 @@ the untimed warm-up absorbs; the row keeps that call's extra time as ``compile_s
 Both are greedy, in the checkpoint's dtype (bf16 for qwen3-0.6b), and never stop at EOS: ``min_new_tokens`` equal
 to ``max_new_tokens`` (HF's way to ignore EOS: the EOS logit is masked until then).
 
+Each configuration's first call is a full-length run, untimed, and its 5 timed samples stay in the row with
+their spread: the previous edition's single sample per batch after a 2-token warm-up (minivllm.bench's ``hf``)
+had batch 1 slower per step than batch 16, which either disappears here or shows as spread.
+
 Device time: eager decode is CPU-bound at about 70-75 ms per step at every batch size up to 256 (H100, 2026-11),
 so the default ``--gen-tokens`` is 16, not minivllm's 128: each configuration costs 6 runs of 17 tokens and 6 of
 1 (a warm-up pair, then 5 timed pairs), about 8 s, so eager batches 1,8,32,128,256 take about 40 s and compiled
@@ -22,11 +26,11 @@ import torch
 import transformers
 from transformers import CompileConfig, Qwen3ForCausalLM
 
-from minivllm.peers.protocol import base_parser, check_vocab, emit, finish_args, latency_rows, ttft_rows
+from minivllm.peers.protocol import (LATENCY_BATCHES, base_parser, check_vocab, emit, finish_args, latency_rows,
+                                     ttft_rows)
 
 PEER = "huggingface/transformers"
 ENGINES = {"eager": "hf_transformers", "compiled": "hf_transformers_compiled"}
-EAGER_BATCHES = [1, 8, 32, 128, 256]
 COMPILED_BATCHES = [1, 8]  # every batch size is a new shape to compile
 
 
@@ -36,7 +40,7 @@ def parse_args(argv=None):
     parser.set_defaults(batches=None)
     args = finish_args(parser, parser.parse_args(argv))
     if args.batches is None:
-        args.batches = COMPILED_BATCHES if args.mode == "compiled" else EAGER_BATCHES
+        args.batches = COMPILED_BATCHES if args.mode == "compiled" else LATENCY_BATCHES
     return args
 
 

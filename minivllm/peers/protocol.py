@@ -23,6 +23,7 @@ import torch
 from minivllm.workloads import latency_prompts, throughput_requests, ttft_prompt
 
 MIN_REPS = 5
+LATENCY_BATCHES = [1, 8, 32, 128, 256]  # BENCHMARKS.md's workload 2
 THROUGHPUT_REPS = 3  # enough when each run is longer than LONG_RUN_S, else MIN_REPS
 LONG_RUN_S = 5.0
 
@@ -36,7 +37,7 @@ def base_parser(description: str, workloads: list[str], gen_tokens: int) -> argp
     parser.add_argument("--model", required=True, help="HF-format checkpoint directory")
     parser.add_argument("--model-name", default=None, help="label for the rows (default: the directory name)")
     parser.add_argument("--workload", required=True, choices=workloads, help="one workload per process")
-    parser.add_argument("--batches", type=int_list, default=[1, 8, 32, 128, 256], help="latency: batch sizes")
+    parser.add_argument("--batches", type=int_list, default=LATENCY_BATCHES, help="latency: batch sizes")
     parser.add_argument("--prompt-lens", type=int_list, default=[128], help="latency and ttft: prompt lengths")
     parser.add_argument("--gen-tokens", type=int, default=gen_tokens, help="latency: decode steps timed")
     parser.add_argument("--reps", type=int, default=MIN_REPS, help="timed samples per configuration")
