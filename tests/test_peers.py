@@ -84,7 +84,7 @@ def paged(seqs_k, seqs_v, block_size, gen):
 
 @DTYPES
 @HEADS
-@pytest.mark.parametrize("q_lens", [[1, 70, 5, 130], [3, 20]], ids=["one-block-view-or-more", "shorter-than-a-view-block"])
+@pytest.mark.parametrize("q_lens", [[1, 70, 5, 130], [3, 20]], ids=["view-blocks", "shorter-than-a-view-block"])
 def test_varlen_contiguous_kv(q_lens, heads, dtype):
     # No block table (a prefill without cached prefix, and nano-vLLM's warm-up before its cache exists):
     # k and v are this step's tokens, here strided views of a fused projection as in nano-vLLM.
@@ -397,7 +397,8 @@ def test_nano_ttft_rows():
     for r in rows:
         assert PEER_ROW_FIELDS <= set(r) and r["samples_ms"] == pytest.approx([21.0] * 5)
         assert r["throughput_tokens_per_sec"] == pytest.approx(r["seq_len"] / 0.021)
-    assert [c[1:] for c in engine.calls if c != "reset"] == [([ttft_prompt(128)], 1)] * 6 + [([ttft_prompt(1024)], 1)] * 6
+    expected = [([ttft_prompt(128)], 1)] * 6 + [([ttft_prompt(1024)], 1)] * 6  # a warm-up and 5 timed runs each
+    assert [c[1:] for c in engine.calls if c != "reset"] == expected
     assert_reset_before_every_run(engine)
 
 

@@ -71,7 +71,8 @@ def read_commit(nano_dir: str) -> str:
 
 def notes(args, model_len: int) -> str:
     sampling = ("temperature 0.6 as nano-vLLM's bench" if args.workload == "throughput" else
-                f"temperature {NEAR_GREEDY_TEMPERATURE:g} (nano-vLLM cannot sample greedily: argmax but for exact ties)")
+                f"temperature {NEAR_GREEDY_TEMPERATURE:g} (nano-vLLM cannot sample greedily; argmax but for exact "
+                "ties)")
     return ("nano-vLLM as published but for attention: flash-attn's varlen and kvcache kernels replaced by "
             "minivllm's Triton paged attention (minivllm/peers/standins/flash_attn); its defaults (CUDA graphs, "
             f"256-token blocks, max_num_seqs 512, max_num_batched_tokens 16384), gpu_memory_utilization "

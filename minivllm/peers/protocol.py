@@ -6,8 +6,8 @@ untimed warm-up of the same shape (a shape's first run compiles and autotunes: h
 median is kept as ``first_call_overhead_s``). Decode latency is minivllm.bench's
 ``(time of 1 + N tokens - time of 1 token) / N`` per decode step; here each sample is one such pair of runs, and
 every configuration is measured ``--reps`` times (5 by default) with the samples and their spread kept in the row
-and their median reported as ``latency_ms``. An engine's ``reset()`` runs untimed before every timed call (nano-vLLM forgets its prefix cache, as
-minivllm.bench clears minivllm's).
+and their median reported as ``latency_ms``. An engine's ``reset()`` runs untimed before every timed call
+(nano-vLLM forgets its prefix cache, as minivllm.bench clears minivllm's).
 
 An engine here is any object with ``reset()`` and ``generate(prompts, max_tokens) -> generated token counts``.
 """
