@@ -7,6 +7,10 @@ import torch
 from minivllm.make_checkpoint import make_checkpoint
 
 _DIR = tempfile.mkdtemp(prefix="minivllm-ckpt-")
+# The fields every peer row carries, as minivllm's own rows do.
+PEER_ROW_FIELDS = {"workload", "engine", "fusion", "tensor_parallel_size", "model_name", "batch_size", "seq_len",
+                   "latency_ms", "samples_ms", "throughput_tokens_per_sec", "peak_memory_mb", "peer", "peer_commit",
+                   "notes"}
 
 
 @functools.cache

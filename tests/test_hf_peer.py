@@ -1,0 +1,79 @@
+"""The HF transformers peer on CPU (fp32, the tiny checkpoint): its greedy tokens are minivllm's, eager and
+compiled, so both peers generate the same thing; and its rows come back through run_peer as the benchmark
+calls it."""
+import json
+
+import pytest
+import torch
+
+from minivllm import LLM
+from minivllm.peers import PeerError, run_peer
+from minivllm.peers import hf as hf_peer
+from tests.helpers import PEER_ROW_FIELDS, greedy_tokens, random_prompts, tiny_checkpoint
+
+
+
+@pytest.fixture(scope="module")
+def minivllm_greedy():
+    prompts = random_prompts([24] * 3, seed=5)  # one length: HF's batch needs no padding
+    with LLM(tiny_checkpoint(), device="cpu") as llm:
+        tokens = greedy_tokens(llm, prompts, max_tokens=16)
+        eos = llm.tokenizer.eos_token_id
+    # HF ignores EOS by masking its logit (min_new_tokens), minivllm by not stopping: the same tokens only while
+    # greedy decoding never picks EOS.
+    assert all(eos not in t for t in tokens)
+    return prompts, tokens
+
+
+def hf_greedy(mode, prompts, max_tokens):
+    model = hf_peer.load_model(tiny_checkpoint(), torch.device("cpu"))
+    return hf_peer.HFEngine(model, mode).tokens(prompts, max_tokens), model
+
+
+def test_hf_eager_greedy_tokens_are_minivllms(minivllm_greedy):
+    prompts, expected = minivllm_greedy
+    tokens, _ = hf_greedy("eager", prompts, 16)
+    assert tokens == expected
+
+
+@pytest.mark.slow
+def test_hf_compiled_greedy_tokens_are_minivllms(minivllm_greedy):
+    # About a minute on 2 cores with a cold inductor cache.
+    prompts, expected = minivllm_greedy
+    tokens, model = hf_greedy("compiled", prompts, 16)
+    assert tokens == expected
+    assert model._compiled_call is not None  # generate did compile its forward
+
+
+def test_hf_runner_rows_through_run_peer():
+    ckpt = tiny_checkpoint(vocab_size=10240)  # the workloads' random ids are below 10,001
+    rows = run_peer("hf", ["--model", ckpt, "--workload", "latency", "--mode", "eager", "--batches", "1,2",
+                           "--prompt-lens", "8", "--gen-tokens", "3"], timeout_s=300)
+    assert [(r["workload"], r["batch_size"], r["seq_len"]) for r in rows] == [("decode_latency", 1, 8),
+                                                                             ("decode_latency", 2, 8)]
+    for r in rows:
+        assert PEER_ROW_FIELDS <= set(r) and (r["engine"], r["fusion"], r["gen_tokens"]) == ("hf_transformers", None, 3)
+        assert r["peer"] == "huggingface/transformers" and r["peer_commit"].startswith("v5.")
+        assert len(r["samples_ms"]) == 5 and r["latency_ms"] == sorted(r["samples_ms"])[2]
+        assert r["throughput_tokens_per_sec"] == pytest.approx(r["batch_size"] * 1e3 / r["latency_ms"])
+        assert r["dtype"] == "float32" and "min_new_tokens" in r["notes"]
+
+
+def test_hf_runner_compiled_defaults_and_ttft_rows(tmp_path, capsys):
+    args = hf_peer.parse_args(["--model", "m", "--workload", "latency", "--mode", "compiled", "--rows-out", "r"])
+    assert args.batches == [1, 8] and args.gen_tokens == 16 and args.reps == 5
+    assert hf_peer.parse_args(["--model", "m", "--workload", "ttft", "--mode", "eager", "--rows-out", "r"]).batches == \
+        [1, 8, 32, 128, 256]
+    rows_out = tmp_path / "rows.json"
+    hf_peer.main(["--model", tiny_checkpoint(vocab_size=10240), "--workload", "ttft", "--mode", "eager",
+                  "--prompt-lens", "16,40", "--reps", "3", "--rows-out", str(rows_out)])
+    rows = json.loads(rows_out.read_text())
+    assert [(r["workload"], r["batch_size"], r["seq_len"], len(r["samples_ms"])) for r in rows] == [
+        ("ttft", 1, 16, 3), ("ttft", 1, 40, 3)]
+    assert all(r["throughput_tokens_per_sec"] == pytest.approx(r["seq_len"] * 1e3 / r["latency_ms"]) for r in rows)
+    assert capsys.readouterr().out.count('"workload": "ttft"') == 2  # each row printed as it comes
+
+
+def test_run_peer_reports_a_failure_with_its_output():
+    with pytest.raises(PeerError, match=r"exited with status 1(.|\n)*does-not-exist"):
+        run_peer("hf", ["--model", "/does-not-exist", "--workload", "ttft", "--mode", "eager"], timeout_s=300)
