@@ -61,14 +61,13 @@ def base_row(llm: LLM, args, workload: str) -> dict:
                 tensor_parallel_size=llm.config.tensor_parallel_size, model_name=args.model_name)
 
 
-def throughput(args, ceilings) -> list[dict]:
+def throughput(args, ceilings, emit):
     """Workload 1: nano-vLLM's benchmark; ``latency_ms`` is the median wall time of ``generate``."""
     requests = workloads.throughput_requests(args.num_seqs)
     prompts = [r.prompt_token_ids for r in requests]
     params = [SamplingParams(temperature=r.temperature, ignore_eos=r.ignore_eos, max_tokens=r.max_tokens)
               for r in requests]
     out_tokens = sum(r.max_tokens for r in requests)
-    rows = []
     for llm in engines(args, max_model_len=4096):
         cfg, itemsize, tp = llm.config.hf_config, llm.config.torch_dtype.itemsize, llm.config.tensor_parallel_size
         llm.generate(["Benchmark warm-up"], SamplingParams(max_tokens=8), use_tqdm=False)
@@ -76,22 +75,20 @@ def throughput(args, ceilings) -> list[dict]:
         s = stats([1e3 * timed_generate(llm, prompts, params) for _ in range(args.reps)])
         floor_s = throughput_floor_s(cfg, itemsize, [len(p) for p in prompts], [r.max_tokens for r in requests], tp,
                                      ceilings["copy_bytes_per_s"])
-        rows.append(dict(base_row(llm, args, "throughput"), batch_size=len(requests), seq_len=None,
-                         output_tokens=out_tokens, **s, seconds=s["latency_ms"] / 1e3,
-                         throughput_tokens_per_sec=1e3 * out_tokens / s["latency_ms"],
-                         throughput_samples=[1e3 * out_tokens / t for t in s["samples_ms"]],
-                         floor_s=floor_s, floor_tokens_per_sec=out_tokens / floor_s,
-                         peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20,
-                         kv_cache_mb=llm.model_runner.kv_cache.numel() * itemsize / 2**20,  # rank 0's shard
-                         preemptions=llm.scheduler.num_preemptions))
-        print(rows[-1], flush=True)
-    return rows
+        emit(dict(base_row(llm, args, "throughput"), batch_size=len(requests), seq_len=None,
+                  output_tokens=out_tokens, **s, seconds=s["latency_ms"] / 1e3,
+                  throughput_tokens_per_sec=1e3 * out_tokens / s["latency_ms"],
+                  throughput_samples=[1e3 * out_tokens / t for t in s["samples_ms"]],
+                  floor_s=floor_s, floor_tokens_per_sec=out_tokens / floor_s,
+                  peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20,
+                  kv_cache_mb=llm.model_runner.kv_cache.numel() * itemsize / 2**20,  # rank 0's shard
+                  preemptions=llm.scheduler.num_preemptions))
 
 
-def latency(args, ceilings) -> list[dict]:
+def latency(args, ceilings, emit):
     """Workload 2: ms per decode step. Each sample is (time for 1 + N tokens - time for 1 token) / N,
     the mean step of one run; ``latency_ms`` is the median of the samples."""
-    gen, rows = args.gen_tokens, []
+    gen = args.gen_tokens
     greedy = dict(temperature=0, ignore_eos=True)
     for llm in engines(args, max_model_len=max(args.prompt_lens) + gen + 16):
         cfg, itemsize, tp = llm.config.hf_config, llm.config.torch_dtype.itemsize, llm.config.tensor_parallel_size
@@ -110,19 +107,16 @@ def latency(args, ceilings) -> list[dict]:
                     prefill.append(1e3 * one)
                 floor = decode_floor_ms(cfg, itemsize, batch, plen + gen // 2, tp, ceilings["copy_bytes_per_s"])
                 s = stats(samples)
-                rows.append(dict(base_row(llm, args, "decode_latency"), batch_size=batch, seq_len=plen, **s,
-                                 prefill_ms=statistics.median(prefill), floor_ms=floor,
-                                 measured_over_floor=s["latency_ms"] / floor,
-                                 throughput_tokens_per_sec=batch * 1e3 / s["latency_ms"],
-                                 peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20,
-                                 cuda_graphs=not args.enforce_eager))
-                print(rows[-1], flush=True)
-    return rows
+                emit(dict(base_row(llm, args, "decode_latency"), batch_size=batch, seq_len=plen, **s,
+                          prefill_ms=statistics.median(prefill), floor_ms=floor,
+                          measured_over_floor=s["latency_ms"] / floor,
+                          throughput_tokens_per_sec=batch * 1e3 / s["latency_ms"],
+                          peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20,
+                          cuda_graphs=not args.enforce_eager))
 
 
-def ttft(args, ceilings) -> list[dict]:
+def ttft(args, ceilings, emit):
     """Workload 3: time to first token at batch 1 (a generate of one token, from a cold cache)."""
-    rows = []
     for llm in engines(args, max_model_len=max(args.prompt_lens) + 8):
         llm.generate([[1] * 16], SamplingParams(max_tokens=2), use_tqdm=False)
         for plen in args.prompt_lens:
@@ -130,26 +124,37 @@ def ttft(args, ceilings) -> list[dict]:
             params = SamplingParams(temperature=0, max_tokens=1)
             timed_generate(llm, [prompt], params)  # autotunes this prompt shape's kernels
             s = stats([1e3 * timed_generate(llm, [prompt], params) for _ in range(args.reps)])
-            rows.append(dict(base_row(llm, args, "ttft"), batch_size=1, seq_len=plen, **s,
-                             throughput_tokens_per_sec=1e3 * plen / s["latency_ms"]))
-            print(rows[-1], flush=True)
-    return rows
+            emit(dict(base_row(llm, args, "ttft"), batch_size=1, seq_len=plen, **s,
+                      throughput_tokens_per_sec=1e3 * plen / s["latency_ms"]))
 
 
-def peer_rows(args) -> list[dict]:
-    """The peers of ``--peers`` on the same workload, each in its own process."""
+def peer_rows(args, emit) -> dict:
+    """The peers of ``--peers`` on the same workload and prompts, each in its own process (run after
+    minivllm's engines are shut down: nano-vLLM sizes its KV cache from the GPU memory left free).
+    HF runs its own batch sizes and decode length (its eager steps are CPU-bound at ~70 ms, so it times
+    fewer tokens); a peer that fails is named with its output's tail in the file, and the others still run."""
     from minivllm import peers
     common = ["--model", args.model, "--model-name", args.model_name, "--workload", args.benchmark,
-              "--batches", ",".join(map(str, args.batches)), "--prompt-lens", ",".join(map(str, args.prompt_lens)),
-              "--gen-tokens", str(args.gen_tokens), "--reps", str(args.reps), "--num-seqs", str(args.num_seqs)]
-    rows = []
+              "--prompt-lens", ",".join(map(str, args.prompt_lens)), "--reps", str(args.reps)]
+    failed = {}
     for peer in args.peers:
         if peer == "nano-vllm":
-            rows += peers.run_peer("nano_vllm", ["--nano-vllm", args.nano_vllm, *common], args.peer_timeout)
+            module, argv = "nano_vllm", ["--nano-vllm", args.nano_vllm, "--num-seqs", str(args.num_seqs),
+                                         "--batches", ",".join(map(str, args.batches)),
+                                         "--gen-tokens", str(args.gen_tokens)]
         else:
-            mode = "compiled" if peer == "hf_compiled" else "eager"
-            rows += peers.run_peer("hf", ["--mode", mode, *common], args.peer_timeout)
-    return rows
+            module, argv = "hf", ["--mode", "compiled" if peer == "hf_compiled" else "eager"]
+            if args.benchmark == "throughput":
+                continue  # generate has no continuous batching: workload 1 is not its benchmark
+        gc.collect()
+        torch.cuda.empty_cache()
+        try:
+            for row in peers.run_peer(module, argv + common, args.peer_timeout):
+                emit(row)
+        except peers.PeerError as e:
+            failed[peer] = str(e)[-4000:]
+            print(f"peer {peer} failed: {e}", flush=True)
+    return failed
 
 
 BENCHMARKS = {"throughput": ("engine_throughput", throughput), "latency": ("engine_latency", latency),
@@ -195,8 +200,18 @@ def main(argv=None):
     print(f"ceilings: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
           f"bf16 matmul {ceilings['bf16_matmul_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
     name, fn = BENCHMARKS[args.benchmark]
-    rows = fn(args, ceilings) + peer_rows(args)
-    write_result(name + args.tag, rows, args.out, "python -m minivllm.bench", argv, ceilings=ceilings)
+    rows, failed = [], {}
+
+    def emit(row):  # the file is rewritten after every row: a run cut short keeps what it measured
+        rows.append(row)
+        print(row, flush=True)
+        write_result(name + args.tag, rows, args.out, "python -m minivllm.bench", argv, ceilings=ceilings,
+                     failed_peers=failed)
+
+    fn(args, ceilings, emit)
+    failed.update(peer_rows(args, emit))
+    write_result(name + args.tag, rows, args.out, "python -m minivllm.bench", argv, ceilings=ceilings,
+                 failed_peers=failed)
 
 
 if __name__ == "__main__":
