@@ -38,6 +38,7 @@ up before CUDA-graph capture.
 import torch
 
 from kernels.rmsnorm import INTERPRET, check_tensors, launch_rows, tl, triton, use_triton
+from kernels.silu_mul import silu_mul as silu_mul_kernel
 
 SMALL_M = 64  # largest M the tl.dot decode configs serve (one row block)
 # Dispatch by M (module globals, read at every call: the bench overrides them):
@@ -404,8 +405,8 @@ def norm_rows(x, residual, eps, want_rstd=False):
 
 def cublas_route(x, w_folded, eps, residual, rms_cols_start=0, silu_mul=False):
     """The UNFUSED route, for large M where cuBLAS beats the Triton GEMMs: ``norm_rows`` then
-    ``F.linear`` (cuBLAS), then SiLU(gate) * up in torch. Same results as ``rmsnorm_linear_ref``
-    (the normalised rows are rounded to x's dtype, as the unfused engine path does)."""
+    ``F.linear`` (cuBLAS), then SiLU(gate) * up as one kernel (``kernels.silu_mul``, as the unfused
+    engine runs it). The normalised rows are rounded to x's dtype, as the unfused engine path does."""
     normed, h, _ = norm_rows(x, residual, eps)
     if rms_cols_start:
         y = torch.cat([torch.nn.functional.linear(h, w_folded[:rms_cols_start]),
@@ -413,8 +414,7 @@ def cublas_route(x, w_folded, eps, residual, rms_cols_start=0, silu_mul=False):
     else:
         y = torch.nn.functional.linear(normed, w_folded)
     if silu_mul:
-        gate, up = y.chunk(2, dim=-1)
-        y = torch.nn.functional.silu(gate) * up
+        y = silu_mul_kernel(y)
     return y if residual is None else (y, h)
 
 

@@ -1,8 +1,9 @@
 """SwiGLU's activation, ``silu(gate) * up``, as one kernel: the unfused engine's SiLU*up (eager
 torch takes three: silu, the product, and the chunk's copy where one is needed).
 
-``silu_mul(gate_up)`` with ``gate_up`` [M, 2I] = [gate | up] returns [M, I], computed in fp32
-and rounded once.
+``silu_mul(gate_up)`` with ``gate_up`` [M, 2I] = [gate | up] returns [M, I] with eager torch's
+(and HF's) numerics: silu(gate) computed in fp32 and rounded to the dtype, then the product in fp32,
+rounded again.
 """
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,8 @@ def _silu_mul_kernel(GU, Y, stride_gu, stride_y, INTER, BLOCK: tl.constexpr):
     mask = cols < INTER
     gate = tl.load(GU + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(GU + row * stride_gu + INTER + cols, mask=mask, other=0.0).to(tl.float32)
-    y = gate / (1.0 + tl.exp(-gate)) * up
+    act = (gate / (1.0 + tl.exp(-gate))).to(Y.dtype.element_ty).to(tl.float32)
+    y = act * up
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
