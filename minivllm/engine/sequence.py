@@ -32,6 +32,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+        self.checked_text: str | None = None  # the output text at the last stop-string check
         self.text: str | None = None  # the output text, once a stop string has cut it
         # Per generated token, when logprobs are asked.
         self.logprobs: list[TokenLogprobs] | None = [] if sampling_params.logprobs is not None else None

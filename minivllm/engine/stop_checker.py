@@ -1,5 +1,7 @@
 """When a sequence is done, and the text it returns (vLLM's StopChecker): at EOS, a stop token, a
 stop string or a length limit."""
+import os
+
 from minivllm.engine.sequence import Sequence
 
 
@@ -27,11 +29,16 @@ class StopChecker:
         return True
 
     def _cut_at_stop_string(self, seq: Sequence) -> bool:
-        # The whole output is decoded again at each step: a token's text can depend on the tokens
-        # before it (partial UTF-8 characters, leading spaces). The cost falls on requests with
-        # stop strings only.
-        text = self.detokenize(seq.completion_token_ids)
-        found = [(at, stop) for stop in seq.sampling_params.stop if (at := text.find(stop)) >= 0]
+        """Looks for a stop string that the newest token completed. The whole output is decoded
+        again (a token's text can depend on the ones before it: partial UTF-8 characters, leading
+        spaces), and an occurrence counts only where it reaches past the text that is unchanged
+        since the last check, as in vLLM: one from before ``min_tokens`` does not stop later. The
+        cost falls on requests with stop strings only."""
+        ids, stops = seq.completion_token_ids, seq.sampling_params.stop
+        before = seq.checked_text if seq.checked_text is not None else self.detokenize(ids[:-1])
+        text = seq.checked_text = self.detokenize(ids)
+        unchanged = len(os.path.commonprefix([before, text]))
+        found = [(at, stop) for stop in stops if (at := text.find(stop, max(0, unchanged - len(stop) + 1))) >= 0]
         if not found:
             return False
         at, stop = min(found)
