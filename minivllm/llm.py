@@ -144,12 +144,13 @@ class LLM:
         this. Safe to call twice; runs at interpreter exit and when a ``with`` block ends."""
         with self._lock:
             atexit.unregister(self._at_exit)
+            failed = self.watchdog is not None and self.watchdog.failure is not None  # it killed the workers
             self._stop_watchdog()  # the workers are about to exit on purpose
             try:
-                if self.model_runner is not None:
+                if self.model_runner is not None and not failed:
                     self.model_runner.call("exit")
             finally:
-                self._stop()
+                self._stop(kill_workers=failed)
 
     def _stop(self, kill_workers: bool = False):
         """Ends this engine's part in tensor parallelism: waits for (or kills) the spawned ranks,
@@ -235,14 +236,17 @@ class LLM:
         text, ids = self._check_request(prompt, params)
         return text, self._make_samples(ids, params)[0]
 
+    def _check_running(self):
+        if self.watchdog is not None and self.watchdog.failure:  # it stopped the workers while we idled
+            self._tensor_parallel_failed(None)
+        if self.model_runner is None:
+            raise RuntimeError("this engine was shut down (by shutdown(), or by a failed tensor-parallel step"
+                               + (f": {self.failure})" if self.failure else ")"))
+
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         with self._lock:
-            if self.watchdog is not None and self.watchdog.failure:  # it stopped the workers while we idled
-                self._tensor_parallel_failed(None)
-            if self.model_runner is None:
-                raise RuntimeError("this engine was shut down (by shutdown(), or by a failed tensor-parallel step"
-                                   + (f": {self.failure})" if self.failure else ")"))
+            self._check_running()
             if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and type(prompts[0]) is int):
                 prompts = [prompts]
             if not isinstance(prompts, (list, tuple)):
@@ -276,6 +280,7 @@ class LLM:
 
     def step(self):
         with self._lock:
+            self._check_running()
             try:
                 seqs, num_new, is_prefill = self.scheduler.schedule()
                 try:

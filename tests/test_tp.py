@@ -7,13 +7,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
 import pytest
 import torch
 
-from minivllm import LLM, SamplingParams
+from minivllm import LLM, SamplingParams, heartbeat
 from tests.helpers import greedy_tokens, random_prompts, tiny_checkpoint
 from tests.test_gpu_engine import qwen3_06b, step_logits  # noqa: F401 (a fixture)
 
@@ -108,9 +109,48 @@ def test_a_failed_step_stops_the_workers(tp2, error):
 def test_a_dead_worker_makes_generate_raise_not_hang(tp2):
     os.kill(tp2.workers[0].pid, signal.SIGKILL)
     tp2.workers[0].join()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="minivllm-tp-rank1 .* exited"):
         generate(tp2, random_prompts([9], seed=36))
     assert not tp2.workers
+
+
+@pytest.mark.parametrize("when", ["in a step", "while idle"])
+def test_a_stopped_worker_is_found_within_seconds(tp2, when):
+    """A worker that stops (SIGSTOP) would keep rank 0 in a collective until its 10-minute
+    timeout: its heartbeat stops, and the watchdog ends the wait within seconds."""
+    pid = tp2.workers[0].pid
+    os.kill(pid, signal.SIGSTOP)
+    start = time.monotonic()
+    try:
+        if when == "while idle":  # the watchdog fires with no step running; the next call says why
+            while tp2.watchdog.failure is None and time.monotonic() - start < 30:
+                time.sleep(0.1)
+        with pytest.raises(RuntimeError, match=r"minivllm-tp-rank1 .* no heartbeat .*stopped or frozen"):
+            generate(tp2, random_prompts([9], seed=36))
+        assert time.monotonic() - start < heartbeat.TIMEOUT_SECONDS + 10
+    finally:
+        if not gone(pid):
+            os.kill(pid, signal.SIGCONT)
+    assert wait_gone([pid], seconds=5) and not tp2.workers
+    with pytest.raises(RuntimeError, match="shut down .*no heartbeat"):
+        generate(tp2, random_prompts([9], seed=36))
+
+
+def test_concurrent_calls_on_a_tensor_parallel_engine_take_turns(tp2):
+    prompts = [random_prompts([4 + 11 * i], seed=40 + i) for i in range(3)]
+    expected = [[o.outputs[0].token_ids for o in generate(tp2, p, max_tokens=6)] for p in prompts]
+    results = [None] * 3
+
+    def work(i):
+        results[i] = [[o.outputs[0].token_ids for o in generate(tp2, prompts[i], max_tokens=6)] for _ in range(2)]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [[e, e] for e in expected]
+    assert not gone(tp2.workers[0].pid) and tp2.scheduler.is_finished()
 
 
 SCRIPT = """
