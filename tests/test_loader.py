@@ -17,6 +17,13 @@ def copy_ckpt(tmp_path, name="ckpt"):
     return dst
 
 
+def edit_config(dst, **changes):
+    """Sets fields of config.json; None removes one."""
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+
+
 def test_sharded_checkpoint_loads_the_same_weights(tmp_path):
     src = tiny_checkpoint()
     dst = copy_ckpt(tmp_path)
@@ -45,9 +52,7 @@ def test_no_config_json(tmp_path):
 
 def test_unsupported_architecture(tmp_path):
     dst = copy_ckpt(tmp_path)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg.update(model_type="llama", architectures=["LlamaForCausalLM"])
-    (dst / "config.json").write_text(json.dumps(cfg))
+    edit_config(dst, model_type="llama", architectures=["LlamaForCausalLM"])
     with pytest.raises(ValueError, match="unsupported architecture"):
         LLM(str(dst), device="cpu")
 
@@ -114,13 +119,6 @@ def test_checkpoint_without_tokenizer_takes_token_ids(tmp_path):
     assert greedy_tokens(llm, random_prompts([4]), max_tokens=3)[0]
     with pytest.raises(ValueError, match="no tokenizer"):
         llm.generate("hello", use_tqdm=False)
-
-
-def edit_config(dst, **changes):
-    """Sets fields of config.json; None removes one."""
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg.update(changes)
-    (dst / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
 
 
 def test_directory_names_with_glob_characters(tmp_path):

@@ -15,19 +15,14 @@ GREEDY = dict(temperature=0, max_tokens=12, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def ckpt():
-    return tiny_checkpoint()
+def hf():
+    return Qwen3ForCausalLM.from_pretrained(tiny_checkpoint(), dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
-def hf(ckpt):
-    return Qwen3ForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def llm(ckpt):
+def llm():
     # Steps of 16 tokens: longer prompts are prefilled (and their prompt logprobs scored) in chunks.
-    return LLM(ckpt, device="cpu", max_model_len=256, max_num_batched_tokens=16)
+    return LLM(tiny_checkpoint(), device="cpu", max_model_len=256, max_num_batched_tokens=16)
 
 
 def hf_generate(hf, prompt, max_new_tokens=12, **kwargs):

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import psutil
@@ -15,7 +14,7 @@ import pytest
 import torch
 
 from minivllm import LLM, SamplingParams, heartbeat
-from tests.helpers import greedy_tokens, random_prompts, tiny_checkpoint
+from tests.helpers import greedy_tokens, random_prompts, run_in_threads, tiny_checkpoint
 from tests.test_gpu_engine import qwen3_06b, step_logits  # noqa: F401 (a fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,11 +143,7 @@ def test_concurrent_calls_on_a_tensor_parallel_engine_take_turns(tp2):
     def work(i):
         results[i] = [[o.outputs[0].token_ids for o in generate(tp2, prompts[i], max_tokens=6)] for _ in range(2)]
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(work, len(prompts))
     assert results == [[e, e] for e in expected]
     assert not gone(tp2.workers[0].pid) and tp2.scheduler.is_finished()
 
