@@ -175,7 +175,7 @@ class ModelRunner:
             return (None,) * 5  # greedy: the sampler needs none of them
         vocab = self.config.hf_config.vocab_size
         return (tensor([p.temperature for p in params], torch.float32),
-                tensor([min(p.top_k, vocab) for p in params], torch.int64),
+                tensor([p.top_k if p.top_k < vocab else vocab for p in params], torch.int64),
                 tensor([p.top_p for p in params], torch.float32),
                 tensor([seq.seed for seq in seqs], torch.int64),
                 tensor([seq.num_completion_tokens for seq in seqs], torch.int64))
@@ -240,9 +240,11 @@ class ModelRunner:
         done = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in zip(seqs, num_new)]
         if not any(done):
             return [None] * len(seqs), None, prompt_logprobs
-        asks = [i for i, seq in enumerate(seqs) if done[i] and seq.logprobs is not None]
+        rows = [i for i, seq in enumerate(seqs) if seq.inspects_logits and done[i]]  # the default path's one pass
+        asks = [i for i in rows if seqs[i].logprobs is not None]
         raw = logits[asks] if asks else None  # a copy: logprobs come from the unprocessed logits
-        logits = self.process_logits(logits, [seq if d else None for seq, d in zip(seqs, done)])
+        if rows:
+            self.process_logits(logits, rows, seqs)
         tokens = self.sampler(logits, *self.sampling_inputs(seqs)).tolist()
         tokens = [t if d else None for t, d in zip(tokens, done)]
         if not asks:
@@ -251,23 +253,20 @@ class ModelRunner:
                                                 [seqs[i].sampling_params.logprobs for i in asks])))
         return tokens, [entries.get(i) for i in range(len(seqs))], prompt_logprobs
 
-    def process_logits(self, logits, seqs: list[Sequence | None]):
-        """Applies the penalties and the min_tokens bans of the sequences that ask (None: a row
-        that samples nothing in this step)."""
-        rows = [i for i, seq in enumerate(seqs) if seq is not None and seq.sampling_params.penalized]
-        if rows:
-            params = [seqs[i].sampling_params for i in rows]
-            logits[rows] = apply_penalties(
-                logits[rows], [seqs[i].token_ids[:seqs[i].num_prompt_tokens] for i in rows],
-                [seqs[i].completion_token_ids for i in rows], [p.repetition_penalty for p in params],
+    def process_logits(self, logits, rows: list[int], seqs: list[Sequence]):
+        """Applies the penalties and the min_tokens bans that the sequences of ``rows`` ask for, in place."""
+        penalized = [i for i in rows if seqs[i].sampling_params.penalized]
+        if penalized:
+            params = [seqs[i].sampling_params for i in penalized]
+            logits[penalized] = apply_penalties(
+                logits[penalized], [seqs[i].token_ids[:seqs[i].num_prompt_tokens] for i in penalized],
+                [seqs[i].completion_token_ids for i in penalized], [p.repetition_penalty for p in params],
                 [p.presence_penalty for p in params], [p.frequency_penalty for p in params])
-        rows = [i for i, seq in enumerate(seqs)
-                if seq is not None and seq.num_completion_tokens < seq.sampling_params.min_tokens]
-        if rows:
+        early = [i for i in rows if seqs[i].num_completion_tokens < seqs[i].sampling_params.min_tokens]
+        if early:
             eos = self.config.hf_config.eos_token_ids
-            params = [seqs[i].sampling_params for i in rows]
-            ban_tokens(logits, rows, [p.stop_token_ids + ([] if p.ignore_eos else eos) for p in params])
-        return logits
+            params = [seqs[i].sampling_params for i in early]
+            ban_tokens(logits, early, [p.stop_token_ids + ([] if p.ignore_eos else eos) for p in params])
 
     def prompt_positions(self, seqs: list[Sequence], num_new: list[int]) -> list[range] | None:
         """Per sequence, the positions of this step whose logits score the prompt token after

@@ -37,6 +37,9 @@ class Sequence:
         # Per generated token, when logprobs are asked.
         self.logprobs: list[TokenLogprobs] | None = [] if sampling_params.logprobs is not None else None
         self.cumulative_logprob = 0.0
+        # Whether the model runner looks at its logits row beyond sampling: logprobs, penalties, min_tokens.
+        self.inspects_logits = (sampling_params.logprobs is not None or sampling_params.penalized
+                                or sampling_params.min_tokens > 0)
         # The same for each prompt token from the second on, filled as the prompt is computed; the
         # request's first sample scores the prompt for all of them.
         wants_prompt = sampling_params.prompt_logprobs is not None and index == 0
