@@ -46,20 +46,39 @@ def generate(llm, prompts, max_tokens=40):
     return llm.generate(prompts, sp, use_tqdm=False)
 
 
+# Samples, penalties, min_tokens and logprobs of the prompt and the output: what rank 0 adds after the
+# forward, and the extra logit rows that every rank computes for the prompt logprobs.
+EXTRAS = SamplingParams(n=2, temperature=0.8, seed=5, max_tokens=8, ignore_eos=True, repetition_penalty=1.2,
+                        min_tokens=4, logprobs=2, prompt_logprobs=1)
+
+
+def logprob_table(outs):
+    """(token id, logprob) of every entry of the prompt and output logprobs, in order."""
+    dicts = [d for o in outs for d in o.prompt_logprobs[1:] + [d for c in o.outputs for d in c.logprobs]]
+    return [(t, lp.logprob) for d in dicts for t, lp in d.items()]
+
+
 # Vocabulary 1027 leaves the second rank's slice of the tied embedding/lm_head one row of padding.
 @pytest.mark.parametrize("overrides,fusion", [({}, "off"), (dict(tie_word_embeddings=True, vocab_size=1027),
                                                             "norm_linear")])
 def test_tp2_matches_tp1_with_prefix_caching_and_preemption(overrides, fusion):
     ckpt = tiny_checkpoint(**overrides)
     with LLM(ckpt, fusion=fusion, **TIGHT_KV) as one:
-        expected = generate(one, PROMPTS)
+        expected, preemptions = generate(one, PROMPTS), one.scheduler.num_preemptions
+        expected_extras = one.generate(PROMPTS[:3], EXTRAS, use_tqdm=False)
     with LLM(ckpt, fusion=fusion, tensor_parallel_size=2, **TIGHT_KV) as two:
         pids = [w.pid for w in two.workers]
         assert len(pids) == 1 and not gone(pids[0])
         got = generate(two, PROMPTS)
-        assert two.scheduler.num_preemptions == one.scheduler.num_preemptions > 0
+        assert two.scheduler.num_preemptions == preemptions > 0
         assert two.scheduler.block_manager.num_free_blocks == 6
+        got_extras = two.generate(PROMPTS[:3], EXTRAS, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
+    assert ([[c.token_ids for c in o.outputs] for o in got_extras]
+            == [[c.token_ids for c in o.outputs] for o in expected_extras])
+    table, expected_table = logprob_table(got_extras), logprob_table(expected_extras)
+    assert [t for t, _ in table] == [t for t, _ in expected_table]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(table, expected_table)) < 1e-4
     assert any(o.num_cached_tokens > 0 for o in got)
     assert wait_gone(pids, seconds=0) and not multiprocessing.active_children()
 
