@@ -51,7 +51,8 @@ class ModelConfig:
         def size(key, default=None):
             return checks.integer(f"{key} in {path}", get(key, default), low=1)
 
-        check_unimplemented_features(cfg, path)
+        layers = size("num_hidden_layers")
+        check_unimplemented_features(cfg, path, layers)
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         heads = size("num_attention_heads")
         kv_heads = size("num_key_value_heads", heads)
@@ -73,7 +74,7 @@ class ModelConfig:
             vocab_size=size("vocab_size"),
             hidden_size=size("hidden_size"),
             intermediate_size=size("intermediate_size"),
-            num_hidden_layers=size("num_hidden_layers"),
+            num_hidden_layers=layers,
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
             head_dim=head_dim,
@@ -102,7 +103,7 @@ def read_json_object(path: str) -> dict:
     return data
 
 
-def check_unimplemented_features(cfg: dict, path: str):
+def check_unimplemented_features(cfg: dict, path: str, num_layers: int):
     """Refuses what transformers would honour and the engine would silently compute otherwise:
     RoPE scaling and sliding-window attention (decided as in transformers' Qwen3 config)."""
     if cfg.get("hidden_act", "silu") != "silu":
@@ -118,12 +119,13 @@ def check_unimplemented_features(cfg: dict, path: str):
             raise ValueError(f"unsupported RoPE scaling {kind!r} ({key} in {path}): minivllm implements "
                              "plain RoPE only; remove it to run at the model's native context length")
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
-    layers = cfg.get("num_hidden_layers") or 0
-    types = cfg.get("layer_types") or ["sliding_attention" if window is not None and i >= cfg.get("max_window_layers", 28)
-                                       else "full_attention" for i in range(layers)]
-    unknown = set(types) - {"full_attention", "sliding_attention"}
-    if unknown:
-        raise ValueError(f"layer_types {sorted(unknown)} in {path} are not implemented")
+    types = cfg.get("layer_types")
+    if not types:
+        first = checks.integer(f"max_window_layers in {path}", cfg.get("max_window_layers", 28))
+        types = ["sliding_attention" if window is not None and i >= first else "full_attention"
+                 for i in range(num_layers)]
+    if not isinstance(types, list) or not all(t in ("full_attention", "sliding_attention") for t in types):
+        raise ValueError(f"layer_types {types!r} in {path}: minivllm implements full attention only")
     if window is not None and "sliding_attention" in types:
         raise ValueError(f"sliding-window attention (use_sliding_window with sliding_window={window} on layers "
                          f"{[i for i, t in enumerate(types) if t == 'sliding_attention']}) in {path} is not "
