@@ -8,6 +8,7 @@ import math
 import numbers
 
 SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.manual_seed takes: any 64-bit pattern, signed or not
+FLOAT32_MAX = 3.4028234663852886e38  # above it a float32 is inf
 
 
 def integer(name: str, value, low: int | None = None, high: int | None = None) -> int:

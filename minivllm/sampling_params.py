@@ -46,7 +46,8 @@ class SamplingParams:
 
     def __post_init__(self):
         self.n = checks.integer("n", self.n, low=1)
-        self.temperature = checks.real("temperature", self.temperature, low=0)
+        # Applied in float32: a larger one would be inf there, and every logit over it 0 (a tie).
+        self.temperature = checks.real("temperature", self.temperature, low=0, high=checks.FLOAT32_MAX)
         self.top_k = checks.integer("top_k", self.top_k, low=-1)
         self.top_p = checks.real("top_p", self.top_p, low=0, high=1, low_open=True)
         self.max_tokens = checks.integer("max_tokens", self.max_tokens, low=1)

@@ -129,6 +129,7 @@ def test_bad_requests_raise_and_leave_engine_usable(llm, prompts, params, messag
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(temperature=-0.1), "temperature"), (dict(temperature=math.inf), "temperature"),
+    (dict(temperature=1e39), "temperature"),
     (dict(temperature=math.nan), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
     (dict(top_p=math.nan), "top_p"), (dict(top_k=-2), "top_k"), (dict(top_k=1.5), "top_k"),
     (dict(top_k=True), "top_k"), (dict(max_tokens=0), "max_tokens"), (dict(max_tokens=True), "max_tokens"),

@@ -4,6 +4,7 @@ against their definitions."""
 import pytest
 import torch
 
+from minivllm.checks import FLOAT32_MAX
 from minivllm.layers.logits_processors import apply_penalties
 from minivllm.layers.logprobs import token_logprobs
 from minivllm.layers.sampler import Sampler, _filter_top_k_top_p, sample_seed, uniform_noise
@@ -82,6 +83,15 @@ def test_a_tiny_top_p_keeps_the_top_token():
     top_p = torch.full((64,), 1e-50, dtype=torch.float32)
     assert top_p.max() == 0
     out = Sampler()(logits, torch.ones(64), torch.full((64,), -1), top_p, torch.arange(64), torch.zeros(64, dtype=torch.long))
+    assert torch.equal(out, logits.argmax(-1))
+
+
+@pytest.mark.parametrize("temperature", [1e30, FLOAT32_MAX])
+def test_top_k_1_is_greedy_at_the_largest_temperatures(temperature):
+    """The largest temperature SamplingParams takes still leaves the logits apart in float32."""
+    logits = 3 * torch.randn(32, 50, generator=torch.Generator().manual_seed(2))
+    out = Sampler()(logits, torch.full((32,), temperature), torch.ones(32, dtype=torch.long), torch.ones(32),
+                    torch.arange(32), torch.zeros(32, dtype=torch.long))
     assert torch.equal(out, logits.argmax(-1))
 
 
