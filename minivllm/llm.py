@@ -281,17 +281,15 @@ class LLM:
     def step(self):
         with self._lock:
             self._check_running()
+            seqs, num_new, is_prefill = self.scheduler.schedule()
+            output = None
             try:
-                seqs, num_new, is_prefill = self.scheduler.schedule()
-                try:
-                    output = self.model_runner.run(seqs, num_new, is_prefill)
-                except BaseException as error:
-                    if self.config.tensor_parallel_size > 1:
-                        self._tensor_parallel_failed(error)
-                    raise
+                output = self.model_runner.run(seqs, num_new, is_prefill)
                 return self.scheduler.postprocess(seqs, num_new, *output)
-            except BaseException:
-                self.abort_all()
+            except BaseException as error:
+                self.abort_all()  # whatever failed, the engine stays usable
+                if output is None and self.config.tensor_parallel_size > 1:
+                    self._tensor_parallel_failed(error)  # the model step itself failed
                 raise
 
     def abort_all(self):
