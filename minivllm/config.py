@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from minivllm import checks
 
 
 @dataclass(frozen=True)
@@ -62,38 +63,101 @@ class ModelConfig:
         path = os.path.join(model_dir, "config.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no config.json in model directory {model_dir!r}")
-        with open(path) as f:
-            cfg = json.load(f)
+        cfg = read_json_object(path)
         archs = cfg.get("architectures") or []
         if cfg.get("model_type") != "qwen3" or (archs and "Qwen3ForCausalLM" not in archs):
             raise ValueError(f"unsupported architecture {archs or cfg.get('model_type')!r} in {path}: "
                              "minivllm runs Qwen3ForCausalLM (model_type 'qwen3')")
+
+        def get(key, default=None):
+            if cfg.get(key) is not None:
+                return cfg[key]
+            if default is None:
+                raise ValueError(f"{path} lacks {key!r}, which the model needs")
+            return default
+
+        def size(key, default=None):
+            return checks.integer(f"{key} in {path}", get(key, default), low=1)
+
+        layers = size("num_hidden_layers")
+        check_unimplemented_features(cfg, path, layers)
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"unsupported RoPE scaling {rope.get('rope_type')!r} in {path}")
+        heads = size("num_attention_heads")
+        kv_heads = size("num_key_value_heads", heads)
+        if heads % kv_heads:
+            raise ValueError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads} "
+                             f"in {path}")
+        head_dim = size("head_dim", size("hidden_size") // heads)
+        if head_dim % 2:
+            raise ValueError(f"head_dim={head_dim} in {path} is odd: RoPE rotates pairs of features")
         dtype_name = cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"
-        heads = cfg["num_attention_heads"]
+        if dtype_name not in CHECKPOINT_DTYPES:
+            raise ValueError(f"dtype {dtype_name!r} in {path} is not one of {sorted(CHECKPOINT_DTYPES)}")
         eos = cfg.get("eos_token_id")
         gen_path = os.path.join(model_dir, "generation_config.json")
         if os.path.isfile(gen_path):
-            with open(gen_path) as f:
-                eos = json.load(f).get("eos_token_id", eos)
+            eos = read_json_object(gen_path).get("eos_token_id", eos)
+        eos = [] if eos is None else [eos] if not isinstance(eos, list) else eos
         return cls(
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_hidden_layers=cfg["num_hidden_layers"],
+            vocab_size=size("vocab_size"),
+            hidden_size=size("hidden_size"),
+            intermediate_size=size("intermediate_size"),
+            num_hidden_layers=layers,
             num_attention_heads=heads,
-            num_key_value_heads=cfg.get("num_key_value_heads", heads),
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
-            max_position_embeddings=cfg.get("max_position_embeddings", 32768),
-            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            attention_bias=cfg.get("attention_bias", False),
-            torch_dtype=getattr(torch, dtype_name),
-            eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=checks.real(f"rms_norm_eps in {path}", get("rms_norm_eps", 1e-6), low=0, low_open=True),
+            rope_theta=checks.real(f"rope_theta in {path}", rope.get("rope_theta", get("rope_theta", 10000.0)),
+                                   low=0, low_open=True),
+            max_position_embeddings=size("max_position_embeddings", 32768),
+            tie_word_embeddings=checks.flag(f"tie_word_embeddings in {path}", get("tie_word_embeddings", False)),
+            attention_bias=checks.flag(f"attention_bias in {path}", get("attention_bias", False)),
+            torch_dtype=CHECKPOINT_DTYPES[dtype_name],
+            eos_token_ids=[checks.integer(f"eos_token_id in {path}", t) for t in eos],
         )
+
+
+CHECKPOINT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def read_json_object(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def check_unimplemented_features(cfg: dict, path: str, num_layers: int):
+    """Refuses what transformers would honour and the engine would silently compute otherwise:
+    RoPE scaling and sliding-window attention (decided as in transformers' Qwen3 config)."""
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {cfg['hidden_act']!r} in {path} is not implemented (Qwen3 uses 'silu')")
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = cfg.get(key) or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"{key} in {path} must be an object, got {rope!r}")
+        if any(isinstance(v, dict) for v in rope.values()):
+            raise ValueError(f"per-layer-type RoPE parameters ({key} in {path}) are not implemented")
+        kind = rope.get("rope_type", rope.get("type", "default"))  # "type" is the older name
+        if kind != "default":
+            raise ValueError(f"unsupported RoPE scaling {kind!r} ({key} in {path}): minivllm implements "
+                             "plain RoPE only; remove it to run at the model's native context length")
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
+    types = cfg.get("layer_types")
+    if not types:
+        first = checks.integer(f"max_window_layers in {path}", cfg.get("max_window_layers", 28))
+        types = ["sliding_attention" if window is not None and i >= first else "full_attention"
+                 for i in range(num_layers)]
+    if not isinstance(types, list) or not all(t in ("full_attention", "sliding_attention") for t in types):
+        raise ValueError(f"layer_types {types!r} in {path}: minivllm implements full attention only")
+    if window is not None and "sliding_attention" in types:
+        raise ValueError(f"sliding-window attention (use_sliding_window with sliding_window={window} on layers "
+                         f"{[i for i, t in enumerate(types) if t == 'sliding_attention']}) in {path} is not "
+                         "implemented: minivllm attends over the whole context")
 
 
 @dataclass
@@ -119,6 +183,10 @@ class Config:
     hf_config: ModelConfig = field(init=False)
 
     def __post_init__(self):
+        if not isinstance(self.model, (str, os.PathLike)):
+            raise ValueError(f"model must be a checkpoint directory's path, got {self.model!r}")
+        self.model = os.fspath(self.model)
+        self._check_types()
         self.hf_config = ModelConfig.from_dir(self.model)
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -128,21 +196,30 @@ class Config:
             raise ValueError("device='cuda' but no CUDA GPU is available")
         if self.kvcache_block_size is None:
             self.kvcache_block_size = 256 if self.device == "cuda" else 16
-        if self.kvcache_block_size < 1 or self.kvcache_block_size % 16:
+        if checks.integer("kvcache_block_size", self.kvcache_block_size) < 1 or self.kvcache_block_size % 16:
             raise ValueError(f"kvcache_block_size must be a positive multiple of 16, got {self.kvcache_block_size}")
         if self.fusion not in FUSION_MODES:
             raise ValueError(f"fusion must be one of {tuple(FUSION_MODES)}, got {self.fusion!r}")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.check_tensor_parallel()
         self.max_model_len = min(self.max_model_len, self.hf_config.max_position_embeddings)
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"without chunked prefill, max_num_batched_tokens ({self.max_num_batched_tokens}) "
                              f"must be >= max_model_len ({self.max_model_len})")
         self.torch_dtype = self._resolve_dtype()
+
+    def _check_types(self):
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
+            checks.integer(name, getattr(self, name), low=1)
+        if self.num_kvcache_blocks is not None:
+            checks.integer("num_kvcache_blocks", self.num_kvcache_blocks, low=1)
+        checks.real("gpu_memory_utilization", self.gpu_memory_utilization, low=0, high=1, low_open=True)
+        checks.real("cpu_kvcache_space_gb", self.cpu_kvcache_space_gb, low=0, low_open=True)
+        for name in ("enable_prefix_caching", "enable_chunked_prefill", "enforce_eager"):
+            checks.flag(name, getattr(self, name))
+        checks.integer("seed", self.seed, *checks.SEED_RANGE)
+        for name in ("dtype", "device", "fusion"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
 
     def check_tensor_parallel(self):
         """Checked here, before any rank starts: a layer failing on one rank would leave the others

@@ -11,7 +11,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-# A collective waiting longer than this has lost a peer: fail rather than hang.
+# A collective waiting longer than this has lost a peer: fail rather than hang. (Spawned workers
+# are watched more closely, see minivllm.heartbeat; ranks that torchrun launched are its to watch.)
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 # The other ranks wait on the control channel for rank 0's next call however long the engine
 # idles. This is no hang: a rank 0 that dies closes its sockets, which ends the wait at once.

@@ -2,13 +2,18 @@
 
 With ``tensor_parallel_size=N`` this process is rank 0: it schedules and samples, and starts
 ranks 1..N-1 as worker processes (or, under torchrun, finds them already launched).
+
+An engine runs one call at a time: ``generate``, ``step`` and ``shutdown`` from several threads
+take turns, since they share the scheduler, the KV cache and the workers.
 """
 import atexit
 import os
 import random
 import sys
+import threading
+import time
 import weakref
-from dataclasses import dataclass, fields
+from dataclasses import fields
 
 import torch
 import torch.distributed as dist
@@ -20,24 +25,11 @@ from minivllm.config import Config
 from minivllm.engine.model_runner import ModelRunner, run_worker
 from minivllm.engine.scheduler import Scheduler
 from minivllm.engine.sequence import Sequence
+from minivllm.engine.stop_checker import StopChecker
+from minivllm.heartbeat import Watchdog
+from minivllm.layers.sampler import sample_seed
+from minivllm.outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
 from minivllm.sampling_params import SamplingParams
-
-
-@dataclass
-class CompletionOutput:
-    index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-
-
-@dataclass
-class RequestOutput:
-    request_id: int
-    prompt: str | None
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-    num_cached_tokens: int = 0
 
 
 def load_tokenizer(model_dir: str):
@@ -45,11 +37,15 @@ def load_tokenizer(model_dir: str):
     if not any(os.path.exists(os.path.join(model_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
         return None
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    except Exception as e:  # transformers raises many kinds for a broken or foreign tokenizer
+        raise ValueError(f"cannot load the tokenizer in {model_dir!r}: {e}") from e
 
 
 class LLM:
     def __init__(self, model: str, **kwargs):
+        self._lock = threading.RLock()
         names = {f.name for f in fields(Config) if f.init}
         unknown = set(kwargs) - names
         if unknown:
@@ -59,8 +55,11 @@ class LLM:
                                "over its group. Shut down the other tensor-parallel engine first (minivllm sets "
                                "up its own group, also under torchrun)")
         self.config = Config(model, **kwargs)
-        self.tokenizer = load_tokenizer(model)
+        self.tokenizer = load_tokenizer(self.config.model)
+        self._take_tokenizer_eos()
         self.workers = []  # spawned ranks 1..N-1
+        self.watchdog = None  # over the spawned ranks
+        self.failure = None  # what stopped the workers, when a step failed
         self.in_group = False  # whether this engine holds the process's tensor-parallel group
         self.model_runner = None
         try:
@@ -83,11 +82,20 @@ class LLM:
             engine = weakref.ref(self)
             self._at_exit = lambda: engine() is not None and engine().shutdown()
         atexit.register(self._at_exit)
-        eos = set(self.config.hf_config.eos_token_ids)
-        if not eos and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            eos = {self.tokenizer.eos_token_id}
-        self.scheduler = Scheduler(self.config, eos)
+        self.stop_checker = StopChecker(set(self.config.hf_config.eos_token_ids), self.config.max_model_len,
+                                        self.tokenizer)
+        self.scheduler = Scheduler(self.config, self.stop_checker)
         self._seed_rng = random.Random(self.config.seed)
+
+    def _take_tokenizer_eos(self):
+        """The tokenizer's EOS when the checkpoint's configs name none; every EOS must be a token."""
+        cfg = self.config.hf_config
+        if not cfg.eos_token_ids and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            cfg.eos_token_ids = [self.tokenizer.eos_token_id]
+        bad = [t for t in cfg.eos_token_ids if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"EOS token ids {bad} of {self.config.model!r} are outside the vocabulary "
+                             f"[0, {cfg.vocab_size})")
 
     def _join_tensor_parallel_group(self):
         """Joins the group that torchrun launched this process in, or spawns ranks 1..N-1 here."""
@@ -109,17 +117,18 @@ class LLM:
 
     def _spawn_workers(self, init_method: str):
         config, spawn, started = self.config, mp.get_context("spawn"), []
+        beats = spawn.Array("d", config.tensor_parallel_size - 1, lock=False)  # see minivllm.heartbeat
         for rank in range(1, config.tensor_parallel_size):
             started_reader, started_writer = spawn.Pipe(duplex=False)
             worker = spawn.Process(target=run_worker, name=f"minivllm-tp-rank{rank}", daemon=True,
                                    args=(config, rank, init_method, os.getpid(), torch.get_num_threads(),
-                                         started_writer))
+                                         started_writer, beats))
             worker.start()
             started_writer.close()  # the worker holds the only writer now: its death ends our wait
             self.workers.append(worker)
             started.append(started_reader)
         # A worker that dies while starting would leave rank 0 waiting at the rendezvous until its timeout.
-        for worker, started_reader in zip(self.workers, started):
+        for i, (worker, started_reader) in enumerate(zip(self.workers, started)):
             try:
                 started_reader.recv()
             except EOFError:
@@ -127,20 +136,26 @@ class LLM:
                 raise RuntimeError(f"{worker.name} exited (code {worker.exitcode}) before joining the group; its "
                                    "error is printed above. A script that starts a tensor-parallel engine needs an "
                                    "`if __name__ == '__main__':` guard, since the workers import it") from None
+            beats[i] = time.monotonic()  # it beats from now on; its start-up (imports) may take long
+        self.watchdog = Watchdog(self.workers, beats)
 
     def shutdown(self):
         """Stops the other tensor-parallel ranks and frees the model; the engine cannot run after
         this. Safe to call twice; runs at interpreter exit and when a ``with`` block ends."""
-        atexit.unregister(self._at_exit)
-        try:
-            if self.model_runner is not None:
-                self.model_runner.call("exit")
-        finally:
-            self._stop()
+        with self._lock:
+            atexit.unregister(self._at_exit)
+            failed = self.watchdog is not None and self.watchdog.failure is not None  # it killed the workers
+            self._stop_watchdog()  # the workers are about to exit on purpose
+            try:
+                if self.model_runner is not None and not failed:
+                    self.model_runner.call("exit")
+            finally:
+                self._stop(kill_workers=failed)
 
     def _stop(self, kill_workers: bool = False):
         """Ends this engine's part in tensor parallelism: waits for (or kills) the spawned ranks,
         then leaves the process group."""
+        self._stop_watchdog()
         self.model_runner = None
         for worker in self.workers:
             worker.join(timeout=0 if kill_workers else 30)
@@ -151,6 +166,20 @@ class LLM:
         if self.in_group:
             distributed.destroy()
             self.in_group = False
+
+    def _stop_watchdog(self):
+        if self.watchdog is not None:
+            self.watchdog.stop()
+            self.watchdog = None
+
+    def _tensor_parallel_failed(self, error: BaseException | None):
+        """After a failed step, or the watchdog's alarm: the other ranks may wait in a collective
+        for good, so stop them and the engine with them. Raises the workers' failure if they had one."""
+        reason = self.watchdog and (self.watchdog.failure or self.watchdog.diagnose())
+        self._stop(kill_workers=True)
+        self.failure = reason or f"a step failed ({error!r})"
+        if reason:
+            raise RuntimeError(f"tensor-parallel worker failure: {reason}; the engine is shut down") from error
 
     def __enter__(self):
         return self
@@ -168,12 +197,13 @@ class LLM:
             if "prompt_token_ids" not in prompt:
                 raise ValueError(f"a dict prompt needs 'prompt_token_ids', got keys {sorted(prompt)}")
             prompt = prompt["prompt_token_ids"]
-        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) for t in prompt):
-            raise ValueError(f"a prompt is a string, a list of token ids or {{'prompt_token_ids': [...]}}, "
+        if not isinstance(prompt, (list, tuple)) or not all(type(t) is int for t in prompt):
+            raise ValueError(f"a prompt is a string, a list of token ids (ints) or {{'prompt_token_ids': [...]}}, "
                              f"got {type(prompt).__name__}")
         return None, list(prompt)
 
-    def _make_sequence(self, prompt, params: SamplingParams) -> tuple[str | None, Sequence]:
+    def _check_request(self, prompt, params: SamplingParams) -> tuple[str | None, list[int]]:
+        """The prompt's text and token ids, once the request is found valid for this engine."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
         text, ids = self._prompt_token_ids(prompt)
@@ -182,47 +212,85 @@ class LLM:
         if len(ids) > self.config.max_model_len:
             raise ValueError(f"prompt of {len(ids)} tokens is longer than max_model_len={self.config.max_model_len}")
         vocab = self.config.hf_config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
-        return text, Sequence(ids, params, seed)
+        for name, tokens in (("token ids", ids), ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in tokens if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"{name} {bad[:5]} are outside the vocabulary [0, {vocab})")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > vocab:
+                raise ValueError(f"{name}={k} asks for more tokens than the vocabulary's {vocab}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer and this checkpoint has none: use stop_token_ids")
+        return text, ids
+
+    def _make_samples(self, ids: list[int], params: SamplingParams) -> list[Sequence]:
+        """The request's n sequences; an unseeded request draws its seed from the engine's."""
+        seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(64)
+        return [Sequence(ids, params, sample_seed(seed, i), index=i) for i in range(params.n)]
+
+    def _make_sequence(self, prompt, params: SamplingParams) -> tuple[str | None, Sequence]:
+        """A one-sample request, for callers that drive ``step`` themselves (the profiler, chapter 2)."""
+        if params.n != 1:
+            raise ValueError(f"_make_sequence makes one sample, got n={params.n}")
+        text, ids = self._check_request(prompt, params)
+        return text, self._make_samples(ids, params)[0]
+
+    def _check_running(self):
+        if self.watchdog is not None and self.watchdog.failure:  # it stopped the workers while we idled
+            self._tensor_parallel_failed(None)
+        if self.model_runner is None:
+            raise RuntimeError("this engine was shut down (by shutdown(), or by a failed tensor-parallel step"
+                               + (f": {self.failure})" if self.failure else ")"))
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        if self.model_runner is None:
-            raise RuntimeError("this engine was shut down (by shutdown(), or by a failed tensor-parallel step)")
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        sampling_params = sampling_params or SamplingParams()
-        if isinstance(sampling_params, SamplingParams):
-            sampling_params = [sampling_params] * len(prompts)
-        if len(sampling_params) != len(prompts):
-            raise ValueError(f"{len(sampling_params)} sampling params for {len(prompts)} prompts")
-        # Check every request before adding any, so a bad one leaves the engine untouched.
-        requests = [self._make_sequence(p, sp) for p, sp in zip(prompts, sampling_params)]
-        for _, seq in requests:
-            self.scheduler.add(seq)
-        total = sum(seq.sampling_params.max_tokens for _, seq in requests)
-        with tqdm(total=total, desc="generate", unit="tok", disable=not use_tqdm) as bar:
-            while not self.scheduler.is_finished():
-                before = sum(seq.num_completion_tokens for _, seq in requests)
-                self.step()
-                bar.update(sum(seq.num_completion_tokens for _, seq in requests) - before)
-        return [self._output(text, seq) for text, seq in requests]
+        with self._lock:
+            self._check_running()
+            if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and type(prompts[0]) is int):
+                prompts = [prompts]
+            if not isinstance(prompts, (list, tuple)):
+                raise ValueError(f"prompts must be a prompt or a list of prompts, got {type(prompts).__name__}")
+            if sampling_params is None:
+                sampling_params = SamplingParams()
+            if isinstance(sampling_params, SamplingParams):
+                sampling_params = [sampling_params] * len(prompts)
+            if not isinstance(sampling_params, (list, tuple)):
+                raise ValueError(f"sampling_params must be SamplingParams or a list of them, "
+                                 f"got {type(sampling_params).__name__}")
+            if len(sampling_params) != len(prompts):
+                raise ValueError(f"{len(sampling_params)} sampling params for {len(prompts)} prompts")
+            # Check every request before adding any or drawing seeds, so a bad one leaves the engine untouched.
+            checked = [self._check_request(p, sp) for p, sp in zip(prompts, sampling_params)]
+            requests = [(text, ids, self._make_samples(ids, sp)) for (text, ids), sp in zip(checked, sampling_params)]
+            seqs = [seq for *_, samples in requests for seq in samples]
+            for seq in seqs:
+                self.scheduler.add(seq)
+            try:
+                total = sum(seq.sampling_params.max_tokens for seq in seqs)
+                with tqdm(total=total, desc="generate", unit="tok", disable=not use_tqdm) as bar:
+                    while not self.scheduler.is_finished():
+                        before = sum(seq.num_completion_tokens for seq in seqs)
+                        self.step()
+                        bar.update(sum(seq.num_completion_tokens for seq in seqs) - before)
+            except BaseException:
+                self.abort_all()  # whatever broke the loop, the engine stays usable
+                raise
+            return [self._output(text, ids, samples) for text, ids, samples in requests]
 
     def step(self):
-        seqs, num_new, is_prefill = self.scheduler.schedule()
-        try:
-            tokens = self.model_runner.run(seqs, num_new, is_prefill)
-        except BaseException:
-            self.abort_all()
-            if self.config.tensor_parallel_size > 1:
-                # The other ranks may wait in one of this step's collectives for good: stop them,
-                # and the engine with them.
-                self._stop(kill_workers=True)
-            raise
-        return self.scheduler.postprocess(seqs, num_new, tokens)
+        with self._lock:
+            self._check_running()
+            seqs, num_new, is_prefill = self.scheduler.schedule()
+            output = None
+            try:
+                output = self.model_runner.run(seqs, num_new, is_prefill)
+                return self.scheduler.postprocess(seqs, num_new, *output)
+            except BaseException as error:
+                self.abort_all()  # whatever failed, the engine stays usable
+                if output is None and self.config.tensor_parallel_size > 1:
+                    self._tensor_parallel_failed(error)  # the model step itself failed
+                raise
 
     def reset_prefix_cache(self):
         """Forgets every cached prefix, so that the next requests compute their prompts in full
@@ -231,13 +299,27 @@ class LLM:
 
     def abort_all(self):
         """Drop every unfinished request, returning their KV blocks (keeps the engine usable)."""
-        for seq in list(self.scheduler.running):
-            self.scheduler.block_manager.free(seq)
-        self.scheduler.running.clear()
-        self.scheduler.waiting.clear()
+        with self._lock:
+            for seq in list(self.scheduler.running):
+                self.scheduler.block_manager.free(seq)
+            self.scheduler.running.clear()
+            self.scheduler.waiting.clear()
 
-    def _output(self, text, seq: Sequence) -> RequestOutput:
-        ids = seq.completion_token_ids
-        out_text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
-        return RequestOutput(seq.seq_id, text, seq.token_ids[:seq.num_prompt_tokens],
-                             [CompletionOutput(0, out_text, ids, seq.finish_reason)], seq.num_cached_tokens)
+    # ---- outputs --------------------------------------------------------------------
+    def _output(self, text, prompt_ids: list[int], samples: list[Sequence]) -> RequestOutput:
+        first = samples[0]
+        prompt_logprobs = None if first.prompt_logprobs is None else [None, *self._logprob_dicts(first.prompt_logprobs)]
+        completions = [CompletionOutput(seq.index, self.stop_checker.output_text(seq), seq.completion_token_ids,
+                                        None if seq.logprobs is None else seq.cumulative_logprob,
+                                        None if seq.logprobs is None else self._logprob_dicts(seq.logprobs),
+                                        seq.finish_reason, seq.stop_reason) for seq in samples]
+        return RequestOutput(first.seq_id, text, prompt_ids, prompt_logprobs, completions,
+                             num_cached_tokens=first.num_cached_tokens)
+
+    def _logprob_dicts(self, entries: list[TokenLogprobs]) -> list[dict[int, Logprob]]:
+        """vLLM's form: per token, {token id: Logprob}, the scored token first. Where it is also one
+        of the top k, the top-k entry (its rank by position) is the one kept, as in vLLM."""
+        ids = [t for tokens, _, _ in entries for t in tokens]
+        decoded = iter([None] * len(ids) if self.tokenizer is None else self.tokenizer.batch_decode([[t] for t in ids]))
+        return [{t: Logprob(lp, r, next(decoded)) for t, lp, r in zip(tokens, logprobs, [rank, *range(1, len(tokens))])}
+                for tokens, logprobs, rank in entries]

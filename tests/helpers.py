@@ -1,6 +1,7 @@
 """Shared test fixtures' building blocks: tiny checkpoints and engine runs."""
 import functools
 import tempfile
+import threading
 
 import torch
 
@@ -23,6 +24,27 @@ def tiny_checkpoint(**overrides) -> str:
 def random_prompts(lengths, vocab=1024, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+def run_in_threads(work, n: int):
+    """Calls ``work(i)`` for i < n in n threads started together; re-raises what one of them raised
+    (an assertion in a thread would not reach pytest otherwise)."""
+    start, errors = threading.Barrier(n), []
+
+    def run(i):
+        try:
+            start.wait()
+            work(i)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 def greedy_tokens(llm, prompts, max_tokens=12):

@@ -1,12 +1,13 @@
 """Engine features against the engine with the feature off, and bad input."""
 import gc
+import math
 import weakref
 
 import pytest
 import torch
 
 from minivllm import LLM, SamplingParams
-from tests.helpers import greedy_tokens, random_prompts, tiny_checkpoint
+from tests.helpers import greedy_tokens, random_prompts, run_in_threads, tiny_checkpoint
 
 # Shared prefixes (block size 16) so prefix caching has something to hit.
 BASE = random_prompts([40], seed=1)[0]
@@ -106,7 +107,13 @@ BAD_REQUESTS = [
     ([[5, 2000]], None, "outside the vocabulary"),
     ([[-1, 5]], None, "outside the vocabulary"),
     ([3.5], None, "a prompt is"),
+    ([[True, 5]], None, "a prompt is"),  # bool is an int in Python, not a token id
     ([[5, 6], [7]], [SamplingParams()], "2 prompts"),
+    ([[5, 6], [7]], [], "0 sampling params for 2 prompts"),  # not the defaults
+    ([[5, 6]], ["greedy"], "sampling_params must be SamplingParams"),
+    ([[5, 6]], SamplingParams(stop_token_ids=[1024]), "stop_token_ids"),
+    ([[5, 6]], SamplingParams(logprobs=1025), "logprobs"),
+    ([[5, 6]], SamplingParams(prompt_logprobs=1025), "prompt_logprobs"),
 ]
 
 
@@ -121,12 +128,110 @@ def test_bad_requests_raise_and_leave_engine_usable(llm, prompts, params, messag
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(temperature=-0.1), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
-    (dict(max_tokens=0), "max_tokens"), (dict(seed=1.5), "seed"),
+    (dict(temperature=-0.1), "temperature"), (dict(temperature=math.inf), "temperature"),
+    (dict(temperature=1e39), "temperature"),
+    (dict(temperature=math.nan), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(top_p=math.nan), "top_p"), (dict(top_k=-2), "top_k"), (dict(top_k=1.5), "top_k"),
+    (dict(top_k=True), "top_k"), (dict(max_tokens=0), "max_tokens"), (dict(max_tokens=True), "max_tokens"),
+    (dict(seed=1.5), "seed"), (dict(seed=2**64), "seed"), (dict(seed=-2**63 - 1), "seed"), (dict(seed=True), "seed"),
+    (dict(n=0), "n"), (dict(n=True), "n"), (dict(logprobs=-1), "logprobs"), (dict(prompt_logprobs=-1), "prompt_logprobs"),
+    (dict(min_tokens=-1), "min_tokens"), (dict(min_tokens=11, max_tokens=10), "min_tokens"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(repetition_penalty=math.inf), "repetition_penalty"),
+    (dict(presence_penalty=2.5), "presence_penalty"), (dict(frequency_penalty=-3), "frequency_penalty"),
+    (dict(frequency_penalty=math.nan), "frequency_penalty"), (dict(stop=""), "empty string"),
+    (dict(stop=["a", ""]), "empty string"), (dict(stop=[3]), "stop"), (dict(stop=5), "stop"),
+    (dict(stop_token_ids="abc"), "stop_token_ids"), (dict(stop_token_ids=5), "stop_token_ids"),
+    (dict(stop_token_ids=[True]), r"stop_token_ids\[0\]"), (dict(stop_token_ids=[4, -1]), r"stop_token_ids\[1\]"),
+    (dict(ignore_eos="no"), "ignore_eos"), (dict(include_stop_str_in_output=1), "include_stop_str_in_output"),
 ])
 def test_bad_sampling_params(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_sampling_params_take_vllm_spellings():
+    import numpy as np
+    assert SamplingParams(stop_token_ids=None).stop_token_ids == []
+    assert SamplingParams(stop="###").stop == ["###"] and SamplingParams(stop=None).stop == []
+    sp = SamplingParams(seed=np.int64(7), top_k=np.int32(5), temperature=np.float32(0.5))
+    assert (sp.seed, sp.top_k, sp.temperature) == (7, 5, 0.5) and type(sp.seed) is int
+
+
+def sampled_tokens(llm, prompt, **kwargs):
+    sp = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True, **kwargs)
+    return llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_seeds_and_top_k_at_the_limits_of_64_bits(llm):
+    prompt = random_prompts([8], seed=61)[0]
+    # Every bit of the seed counts; seeds are taken modulo 2^64 (as torch.manual_seed does).
+    assert sampled_tokens(llm, prompt, seed=5) != sampled_tokens(llm, prompt, seed=5 + 2**32)
+    assert sampled_tokens(llm, prompt, seed=2**63) == sampled_tokens(llm, prompt, seed=-2**63)
+    assert sampled_tokens(llm, prompt, seed=2**64 - 1) == sampled_tokens(llm, prompt, seed=-1)
+    # A top_k above the vocabulary keeps all of it.
+    assert sampled_tokens(llm, prompt, seed=9, top_k=2**63) == sampled_tokens(llm, prompt, seed=9)
+    assert llm.scheduler.is_finished()
+
+
+def test_a_rejected_batch_draws_no_seeds(ckpt):
+    """Unseeded requests draw from the engine's seed: a call refused before it ran must not
+    have drawn, or later sampling would differ from a fresh engine's."""
+    fresh, used = (LLM(ckpt, device="cpu", max_model_len=256, seed=11) for _ in range(2))
+    prompt = random_prompts([10], seed=62)[0]
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        used.generate([prompt, prompt, [5, 5000]], SamplingParams(n=2), use_tqdm=False)
+    assert sampled_tokens(used, prompt) == sampled_tokens(fresh, prompt)
+
+
+def test_concurrent_generate_calls_take_turns(llm):
+    """Threads sharing one engine each get what they would get alone (the engine runs one call at
+    a time), and the engine is left clean."""
+    prompts = [random_prompts([5 + 9 * i, 3 + i], seed=63 + i) for i in range(4)]
+    expected = [greedy_tokens(llm, p, max_tokens=8) for p in prompts]
+    seeded = sampled_tokens(llm, prompts[0][0], seed=77)
+    results = [[] for _ in prompts]
+
+    def work(i):
+        for _ in range(3):
+            results[i].append((greedy_tokens(llm, prompts[i], max_tokens=8), sampled_tokens(llm, prompts[0][0], seed=77)))
+
+    run_in_threads(work, len(prompts))
+    assert all(r == [(expected[i], seeded)] * 3 for i, r in enumerate(results))
+    assert llm.scheduler.is_finished()
+    assert llm.scheduler.block_manager.num_free_blocks == len(llm.scheduler.block_manager.blocks)
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("where", ["postprocess", "between steps"])
+def test_an_error_after_the_model_step_leaves_the_engine_usable(llm, monkeypatch, where):
+    """An exception between the model step and the scheduler's bookkeeping, or between two steps
+    (e.g. Ctrl-C), must not wedge the engine nor leak its KV blocks."""
+    good = random_prompts([6, 40], seed=64)
+    expected = greedy_tokens(llm, good)
+    if where == "postprocess":
+        original = llm.scheduler.postprocess
+
+        def postprocess(*args):
+            original(*args)
+            raise Interrupted("injected")
+        monkeypatch.setattr(llm.scheduler, "postprocess", postprocess)
+    else:
+        import minivllm.llm
+
+        class Bar(minivllm.llm.tqdm):
+            def update(self, n=1):
+                raise Interrupted("injected")
+        monkeypatch.setattr(minivllm.llm, "tqdm", Bar)
+    with pytest.raises(Interrupted):
+        greedy_tokens(llm, good)
+    monkeypatch.undo()
+    bm = llm.scheduler.block_manager
+    assert llm.scheduler.is_finished() and bm.num_free_blocks == len(bm.blocks)
+    for _ in range(2):
+        assert greedy_tokens(llm, good) == expected
 
 
 def test_a_dropped_engine_is_freed_with_its_kv_cache():

@@ -1,8 +1,13 @@
-"""Sampling: filters keep the right tokens, seeded noise is batch-independent, and the
-Gumbel-max draw follows softmax(logits / T)."""
+"""Sampling: filters keep the right tokens, seeded noise is batch-independent and uses the
+whole 64-bit seed, the Gumbel-max draw follows softmax(logits / T); penalties and logprobs
+against their definitions."""
+import pytest
 import torch
 
-from minivllm.layers.sampler import Sampler, _filter_top_k_top_p, uniform_noise
+from minivllm.checks import FLOAT32_MAX
+from minivllm.layers.logits_processors import apply_penalties
+from minivllm.layers.logprobs import token_logprobs
+from minivllm.layers.sampler import Sampler, _filter_top_k_top_p, sample_seed, uniform_noise
 
 
 def test_noise_depends_only_on_seed_step_and_token():
@@ -35,3 +40,90 @@ def test_sampling_frequencies_follow_softmax():
                     torch.zeros(n, dtype=torch.long))
     freq = torch.bincount(out, minlength=4).double() / n
     assert (freq - probs.double()).abs().max() < 0.015  # ~4 standard errors at n = 20000
+
+
+def hash32_reference(x: int) -> int:
+    """``_hash32`` in Python's unbounded ints, where nothing can overflow or sign-extend."""
+    x = (x * 747796405 + 2891336453) % 2**32
+    x = ((x >> ((x >> 28) + 4)) ^ x) * 277803737 % 2**32
+    return (x >> 22) ^ x
+
+
+@pytest.mark.parametrize("seed", [5, 5 + 2**32, 2**63 - 1, -2**63, -1, 0x0123456789ABCDEF])
+def test_noise_uses_all_64_bits_of_the_seed_exactly(seed):
+    step, vocab = 3, 40
+    noise = uniform_noise(torch.tensor([seed]), torch.tensor([step]), vocab)[0]
+    bits = seed % 2**64
+    row = hash32_reference(hash32_reference(hash32_reference(bits % 2**32) ^ (bits >> 32)) ^ step)
+    expected = [(hash32_reference(row ^ hash32_reference(t)) + 0.5) / 2**32 for t in range(vocab)]
+    assert noise.tolist() == expected
+
+
+def test_seeds_that_differ_above_bit_32_sample_differently():
+    logits = torch.zeros(1, 1000)
+    draws = [Sampler()(logits, torch.ones(1), torch.full((1,), -1), torch.ones(1), torch.tensor([seed]),
+                       torch.tensor([0])).item() for seed in (5, 5 + 2**32, 5 + 2**62)]
+    assert len(set(draws)) == 3
+
+
+def test_sample_seeds_follow_splitmix64():
+    # The published SplitMix64 outputs for this seed (Vigna's splitmix64.c, as in rand_xoshiro's tests).
+    seed, published = 1477776061723855037, [1985237415132408290, 2979275885539914483, 13511426838097143398,
+                                            8488337342461049707, 15141737807933549159]
+    assert sample_seed(seed, 0) == seed
+    assert [sample_seed(seed, i) % 2**64 for i in range(1, 6)] == published
+    # Seeds are taken modulo 2^64 and handed over as signed int64.
+    assert sample_seed(-1, 0) == sample_seed(2**64 - 1, 0) == -1
+    assert all(-2**63 <= sample_seed(2**64 - 1, i) < 2**63 for i in range(8))
+
+
+def test_a_tiny_top_p_keeps_the_top_token():
+    """top_p=1e-50 is 0 in float32: the filter must still keep the likeliest token."""
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0))
+    top_p = torch.full((64,), 1e-50, dtype=torch.float32)
+    assert top_p.max() == 0
+    out = Sampler()(logits, torch.ones(64), torch.full((64,), -1), top_p, torch.arange(64), torch.zeros(64, dtype=torch.long))
+    assert torch.equal(out, logits.argmax(-1))
+
+
+@pytest.mark.parametrize("temperature", [1e30, FLOAT32_MAX])
+def test_top_k_1_is_greedy_at_the_largest_temperatures(temperature):
+    """The largest temperature SamplingParams takes still leaves the logits apart in float32."""
+    logits = 3 * torch.randn(32, 50, generator=torch.Generator().manual_seed(2))
+    out = Sampler()(logits, torch.full((32,), temperature), torch.ones(32, dtype=torch.long), torch.ones(32),
+                    torch.arange(32), torch.zeros(32, dtype=torch.long))
+    assert torch.equal(out, logits.argmax(-1))
+
+
+def test_penalties_match_their_definition_in_float64():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 12, generator=gen)
+    prompts, outputs = [[1, 2, 2], [5], []], [[2, 3, 3, 3], [], [7, 7, 11]]
+    rep, pres, freq = [1.5, 0.8, 1.0], [0.3, 1.0, -0.5], [0.2, 0.0, 1.2]
+    got = apply_penalties(logits.clone(), prompts, outputs, rep, pres, freq)
+    expected = logits.double().clone()
+    for r in range(3):
+        for t in set(prompts[r]) | set(outputs[r]):
+            x = expected[r, t]
+            expected[r, t] = x / rep[r] if x > 0 else x * rep[r]
+        for t in set(outputs[r]):
+            expected[r, t] -= pres[r] + freq[r] * outputs[r].count(t)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_token_logprobs_ranks_and_top_k():
+    logits = torch.tensor([[2.0, 2.0, 0.0, -1.0], [0.0, 1.0, 3.0, 2.0]])
+    entries = token_logprobs(logits, [1, 0], [2, 1])
+    ref = logits.double().log_softmax(-1)
+    (ids0, lps0, rank0), (ids1, lps1, rank1) = entries
+    assert ids0[0] == 1 and sorted(ids0[1:]) == [0, 1] and rank0 == 2  # a tie ranks last, as in vLLM
+    assert ids1 == [0, 2] and rank1 == 4
+    torch.testing.assert_close(torch.tensor(lps1, dtype=torch.float64), ref[1, [0, 2]])
+    torch.testing.assert_close(torch.tensor(lps0[:1], dtype=torch.float64), ref[0, [1]])
+
+
+@pytest.mark.gpu
+def test_noise_is_the_same_on_cpu_and_gpu():
+    seeds = torch.tensor([5, 5 + 2**32, -1, 2**63 - 1, -2**63])
+    steps = torch.tensor([0, 1, 2, 3, 2**31])
+    assert torch.equal(uniform_noise(seeds, steps, 5000), uniform_noise(seeds.cuda(), steps.cuda(), 5000).cpu())

@@ -13,8 +13,8 @@ import psutil
 import pytest
 import torch
 
-from minivllm import LLM, SamplingParams
-from tests.helpers import greedy_tokens, random_prompts, tiny_checkpoint
+from minivllm import LLM, SamplingParams, heartbeat
+from tests.helpers import greedy_tokens, random_prompts, run_in_threads, tiny_checkpoint
 from tests.test_gpu_engine import qwen3_06b, step_logits  # noqa: F401 (a fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,20 +46,39 @@ def generate(llm, prompts, max_tokens=40):
     return llm.generate(prompts, sp, use_tqdm=False)
 
 
+# Samples, penalties, min_tokens and logprobs of the prompt and the output: what rank 0 adds after the
+# forward, and the extra logit rows that every rank computes for the prompt logprobs.
+EXTRAS = SamplingParams(n=2, temperature=0.8, seed=5, max_tokens=8, ignore_eos=True, repetition_penalty=1.2,
+                        min_tokens=4, logprobs=2, prompt_logprobs=1)
+
+
+def logprob_table(outs):
+    """(token id, logprob) of every entry of the prompt and output logprobs, in order."""
+    dicts = [d for o in outs for d in o.prompt_logprobs[1:] + [d for c in o.outputs for d in c.logprobs]]
+    return [(t, lp.logprob) for d in dicts for t, lp in d.items()]
+
+
 # Vocabulary 1027 leaves the second rank's slice of the tied embedding/lm_head one row of padding.
 @pytest.mark.parametrize("overrides,fusion", [({}, "off"), (dict(tie_word_embeddings=True, vocab_size=1027),
                                                             "norm_linear")])
 def test_tp2_matches_tp1_with_prefix_caching_and_preemption(overrides, fusion):
     ckpt = tiny_checkpoint(**overrides)
     with LLM(ckpt, fusion=fusion, **TIGHT_KV) as one:
-        expected = generate(one, PROMPTS)
+        expected, preemptions = generate(one, PROMPTS), one.scheduler.num_preemptions
+        expected_extras = one.generate(PROMPTS[:3], EXTRAS, use_tqdm=False)
     with LLM(ckpt, fusion=fusion, tensor_parallel_size=2, **TIGHT_KV) as two:
         pids = [w.pid for w in two.workers]
         assert len(pids) == 1 and not gone(pids[0])
         got = generate(two, PROMPTS)
-        assert two.scheduler.num_preemptions == one.scheduler.num_preemptions > 0
+        assert two.scheduler.num_preemptions == preemptions > 0
         assert two.scheduler.block_manager.num_free_blocks == 6
+        got_extras = two.generate(PROMPTS[:3], EXTRAS, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
+    assert ([[c.token_ids for c in o.outputs] for o in got_extras]
+            == [[c.token_ids for c in o.outputs] for o in expected_extras])
+    table, expected_table = logprob_table(got_extras), logprob_table(expected_extras)
+    assert [t for t, _ in table] == [t for t, _ in expected_table]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(table, expected_table)) < 1e-4
     assert any(o.num_cached_tokens > 0 for o in got)
     assert wait_gone(pids, seconds=0) and not multiprocessing.active_children()
 
@@ -108,9 +127,44 @@ def test_a_failed_step_stops_the_workers(tp2, error):
 def test_a_dead_worker_makes_generate_raise_not_hang(tp2):
     os.kill(tp2.workers[0].pid, signal.SIGKILL)
     tp2.workers[0].join()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="minivllm-tp-rank1 .* exited"):
         generate(tp2, random_prompts([9], seed=36))
     assert not tp2.workers
+
+
+@pytest.mark.parametrize("when", ["in a step", "while idle"])
+def test_a_stopped_worker_is_found_within_seconds(tp2, when):
+    """A worker that stops (SIGSTOP) would keep rank 0 in a collective until its 10-minute
+    timeout: its heartbeat stops, and the watchdog ends the wait within seconds."""
+    pid = tp2.workers[0].pid
+    os.kill(pid, signal.SIGSTOP)
+    start = time.monotonic()
+    try:
+        if when == "while idle":  # the watchdog fires with no step running; the next call says why
+            while tp2.watchdog.failure is None and time.monotonic() - start < 30:
+                time.sleep(0.1)
+        with pytest.raises(RuntimeError, match=r"minivllm-tp-rank1 .* no heartbeat .*stopped or frozen"):
+            generate(tp2, random_prompts([9], seed=36))
+        assert time.monotonic() - start < heartbeat.TIMEOUT_SECONDS + 10
+    finally:
+        if not gone(pid):
+            os.kill(pid, signal.SIGCONT)
+    assert wait_gone([pid], seconds=5) and not tp2.workers
+    with pytest.raises(RuntimeError, match="shut down .*no heartbeat"):
+        generate(tp2, random_prompts([9], seed=36))
+
+
+def test_concurrent_calls_on_a_tensor_parallel_engine_take_turns(tp2):
+    prompts = [random_prompts([4 + 11 * i], seed=40 + i) for i in range(3)]
+    expected = [[o.outputs[0].token_ids for o in generate(tp2, p, max_tokens=6)] for p in prompts]
+    results = [None] * 3
+
+    def work(i):
+        results[i] = [[o.outputs[0].token_ids for o in generate(tp2, prompts[i], max_tokens=6)] for _ in range(2)]
+
+    run_in_threads(work, len(prompts))
+    assert results == [[e, e] for e in expected]
+    assert not gone(tp2.workers[0].pid) and tp2.scheduler.is_finished()
 
 
 SCRIPT = """

@@ -40,8 +40,9 @@ class BlockManager:
 
     def prefix_hits(self, seq: Sequence) -> list[int]:
         """Cached blocks matching the leading full blocks of ``seq`` (never its last token:
-        at least one token must be computed to produce logits)."""
-        if not self.enable_prefix_caching:
+        at least one token must be computed to produce logits). None while the prompt's logprobs
+        are still to be computed: they need its logits."""
+        if not self.enable_prefix_caching or seq.num_unscored_prompt_tokens:
             return []
         hits, prefix_hash = [], None
         for i in range((seq.num_tokens - 1) // self.block_size):

@@ -1,15 +1,14 @@
 """Runs the model for one scheduled step: builds the step's inputs and attention metadata,
-runs the forward (replaying a CUDA graph for decode on GPU), and samples.
+runs the forward (replaying a CUDA graph for decode on GPU), and samples. What a request asks
+beyond plain sampling (penalties, min_tokens, logprobs) runs after the forward, on its rows only.
 
 With tensor parallelism every rank has a ModelRunner over its shard of the model and KV
 cache. Rank 0 sends each call (method name and args) to the others before running it
 itself (``call``); they run the calls in ``loop`` until ``exit``.
 """
 import gc
-import os
 import signal
 import threading
-import time
 
 import torch
 
@@ -17,6 +16,9 @@ from minivllm import distributed
 from minivllm.config import Config
 from minivllm.context import reset_context, set_context
 from minivllm.engine.sequence import Sequence
+from minivllm.heartbeat import beat_until_orphaned
+from minivllm.layers.logits_processors import apply_penalties, ban_tokens
+from minivllm.layers.logprobs import token_logprobs
 from minivllm.layers.sampler import Sampler
 from minivllm.loader import load_model
 from minivllm.models.qwen3 import Qwen3ForCausalLM
@@ -170,25 +172,27 @@ class ModelRunner:
         params = [seq.sampling_params for seq in seqs]
         if all(p.temperature == 0 for p in params):
             return (None,) * 5  # greedy: the sampler needs none of them
+        vocab = self.config.hf_config.vocab_size
         return (tensor([p.temperature for p in params], torch.float32),
-                tensor([p.top_k for p in params], torch.int64),
+                tensor([p.top_k if p.top_k < vocab else vocab for p in params], torch.int64),
                 tensor([p.top_p for p in params], torch.float32),
                 tensor([seq.seed for seq in seqs], torch.int64),
                 tensor([seq.num_completion_tokens for seq in seqs], torch.int64))
 
-    def forward(self, input_ids, positions, ctx: dict):
-        """Logits of each sequence's last new token (rank 0; None elsewhere). A decode step replays
-        a CUDA graph that holds the whole model and the lm_head, so only the sampler runs outside it."""
+    def forward(self, input_ids, positions, ctx: dict, logit_rows=None):
+        """Logits of each sequence's last new token, or of the token rows ``logit_rows`` (rank 0;
+        None elsewhere). A decode step replays a CUDA graph that holds the whole model and the
+        lm_head, so only the sampler runs outside it."""
         batch = len(ctx["seqlens_k"])
         graph_bs = next((bs for bs in self.graphs if bs >= batch), None)
-        if ctx["is_prefill"] or graph_bs is None:
+        if ctx["is_prefill"] or graph_bs is None or logit_rows is not None:
             set_context(**ctx)
             try:
                 hidden, residual = self.model(input_ids, positions)
             finally:
                 reset_context()
-            last = ctx["cu_seqlens_q"][1:].long() - 1
-            return self.model.compute_logits(hidden[last], residual[last])
+            rows = ctx["cu_seqlens_q"][1:].long() - 1 if logit_rows is None else logit_rows
+            return self.model.compute_logits(hidden[rows], residual[rows])
         g = self.graph_inputs
         g["input_ids"][:batch] = input_ids
         g["positions"][:batch] = positions
@@ -203,28 +207,83 @@ class ModelRunner:
         return None if logits is None else logits[:batch]
 
     @torch.inference_mode()
-    def compute_logits(self, input_ids: list[int], positions: list[int], ctx: dict):
-        """Runs a prepared step on this rank: the logits of each sequence's last token on rank 0,
-        None on the others."""
+    def compute_logits(self, input_ids: list[int], positions: list[int], ctx: dict, logit_rows=None):
+        """Runs a prepared step on this rank: on rank 0 the logits of each sequence's last token
+        (or of the token rows ``logit_rows``), None on the others."""
         pin = self.device.type == "cuda"
 
         def tensor(values, dtype=torch.int32):
             return torch.tensor(values, dtype=dtype, pin_memory=pin).to(self.device, non_blocking=True)
 
         ctx = {k: tensor(v) if isinstance(v, list) else v for k, v in ctx.items()}
-        logits = self.forward(tensor(input_ids, torch.int64), tensor(positions, torch.int64), ctx)
+        rows = None if logit_rows is None else tensor(logit_rows, torch.int64)
+        logits = self.forward(tensor(input_ids, torch.int64), tensor(positions, torch.int64), ctx, rows)
         return None if logits is None else logits.float()
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], num_new: list[int], is_prefill: bool) -> list[int | None]:
-        """Computes ``num_new`` tokens of each sequence; returns each one's next token, or None
-        for a sequence whose prompt is not yet fully computed. Sampling happens here, on rank 0."""
-        logits = self.call("compute_logits", *self.prepare(seqs, num_new, is_prefill))
+    def run(self, seqs: list[Sequence], num_new: list[int], is_prefill: bool):
+        """Computes ``num_new`` tokens of each sequence. Returns each one's next token (None for a
+        sequence whose prompt is not yet fully computed); the new token's logprobs for each
+        sequence (None where not asked; the whole list None when no sequence asks); and the
+        logprobs of the prompt tokens each sequence scored in this step (likewise). Sampling
+        happens here, on rank 0."""
+        spans = self.prompt_positions(seqs, num_new) if is_prefill else None
+        input_ids, positions, ctx = self.prepare(seqs, num_new, is_prefill)
+        starts = ctx["cu_seqlens_q"]
+        prompt_rows = [starts[i] + p - seq.num_computed_tokens
+                       for i, (seq, span) in enumerate(zip(seqs, spans)) for p in span] if spans else []
+        logit_rows = prompt_rows + [end - 1 for end in starts[1:]] if spans else None
+        logits = self.call("compute_logits", input_ids, positions, ctx, logit_rows)
+        prompt_logprobs = self.score_prompts(seqs, spans, logits[:len(prompt_rows)]) if spans else None
+        logits = logits[len(prompt_rows):]
         done = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in zip(seqs, num_new)]
         if not any(done):
-            return [None] * len(seqs)
+            return [None] * len(seqs), None, prompt_logprobs
+        rows = [i for i, seq in enumerate(seqs) if seq.inspects_logits and done[i]]  # the default path's one pass
+        asks = [i for i in rows if seqs[i].logprobs is not None]
+        raw = logits[asks] if asks else None  # a copy: logprobs come from the unprocessed logits
+        if rows:
+            self.process_logits(logits, rows, seqs)
         tokens = self.sampler(logits, *self.sampling_inputs(seqs)).tolist()
-        return [t if d else None for t, d in zip(tokens, done)]
+        tokens = [t if d else None for t, d in zip(tokens, done)]
+        if not asks:
+            return tokens, None, prompt_logprobs
+        entries = dict(zip(asks, token_logprobs(raw, [tokens[i] for i in asks],
+                                                [seqs[i].sampling_params.logprobs for i in asks])))
+        return tokens, [entries.get(i) for i in range(len(seqs))], prompt_logprobs
+
+    def process_logits(self, logits, rows: list[int], seqs: list[Sequence]):
+        """Applies the penalties and the min_tokens bans that the sequences of ``rows`` ask for, in place."""
+        penalized = [i for i in rows if seqs[i].sampling_params.penalized]
+        if penalized:
+            params = [seqs[i].sampling_params for i in penalized]
+            logits[penalized] = apply_penalties(
+                logits[penalized], [seqs[i].token_ids[:seqs[i].num_prompt_tokens] for i in penalized],
+                [seqs[i].completion_token_ids for i in penalized], [p.repetition_penalty for p in params],
+                [p.presence_penalty for p in params], [p.frequency_penalty for p in params])
+        early = [i for i in rows if seqs[i].num_completion_tokens < seqs[i].sampling_params.min_tokens]
+        if early:
+            eos = self.config.hf_config.eos_token_ids
+            params = [seqs[i].sampling_params for i in early]
+            ban_tokens(logits, early, [p.stop_token_ids + ([] if p.ignore_eos else eos) for p in params])
+
+    def prompt_positions(self, seqs: list[Sequence], num_new: list[int]) -> list[range] | None:
+        """Per sequence, the positions of this step whose logits score the prompt token after
+        them (prompt_logprobs); None when no sequence asks."""
+        if not any(seq.num_unscored_prompt_tokens for seq in seqs):
+            return None
+        return [range(max(seq.num_computed_tokens, len(seq.prompt_logprobs)),
+                      min(seq.num_computed_tokens + n, seq.num_prompt_tokens - 1))
+                if seq.num_unscored_prompt_tokens else range(0) for seq, n in zip(seqs, num_new)]
+
+    def score_prompts(self, seqs: list[Sequence], spans: list[range], logits) -> list[list | None]:
+        """The prompt logprobs of ``spans`` (from ``prompt_positions``), per sequence."""
+        targets = [seq.token_ids[p + 1] for seq, span in zip(seqs, spans) for p in span]
+        if not targets:
+            return [None] * len(seqs)
+        entries = iter(token_logprobs(logits, targets, [seq.sampling_params.prompt_logprobs
+                                                        for seq, span in zip(seqs, spans) for _ in span]))
+        return [[next(entries) for _ in span] if span else None for span in spans]
 
     # ---- CUDA graphs ----------------------------------------------------------------
     @torch.inference_mode()
@@ -256,23 +315,15 @@ class ModelRunner:
         self.graphs = dict(sorted(self.graphs.items()))
 
 
-def run_worker(config: Config, rank: int, init_method: str, parent_pid: int, num_threads: int, started):
+def run_worker(config: Config, rank: int, init_method: str, parent_pid: int, num_threads: int, started, beats):
     """A spawned rank: joins the group, builds its shard of the model and runs rank 0's calls."""
+    threading.Thread(target=beat_until_orphaned, args=(beats, rank - 1, parent_pid), daemon=True).start()
     started.send(True)
     started.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: rank 0 handles it
-    threading.Thread(target=exit_with_parent, args=(parent_pid,), daemon=True).start()
     torch.set_num_threads(num_threads)
     distributed.init(rank, config.tensor_parallel_size, config.device, init_method)
     try:
         ModelRunner(config).loop()
     finally:
         distributed.destroy()
-
-
-def exit_with_parent(parent_pid: int):
-    """Ends this process once its parent is gone, even while it waits in a collective that a
-    dead peer will never join (SIGKILL gives the parent no chance to stop its workers)."""
-    while os.getppid() == parent_pid:
-        time.sleep(0.5)
-    os._exit(1)

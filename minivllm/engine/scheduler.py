@@ -11,15 +11,16 @@ from collections import deque
 from minivllm.config import Config
 from minivllm.engine.block_manager import BlockManager
 from minivllm.engine.sequence import Sequence, SequenceStatus
+from minivllm.engine.stop_checker import StopChecker
+from minivllm.outputs import TokenLogprobs
 
 
 class Scheduler:
-    def __init__(self, config: Config, eos_token_ids: set[int]):
+    def __init__(self, config: Config, stop_checker: StopChecker):
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
-        self.max_model_len = config.max_model_len
         self.enable_chunked_prefill = config.enable_chunked_prefill
-        self.eos_token_ids = eos_token_ids
+        self.stop_checker = stop_checker
         self.block_manager = BlockManager(config.num_kvcache_blocks, config.kvcache_block_size,
                                           config.enable_prefix_caching)
         self.waiting: deque[Sequence] = deque()
@@ -97,21 +98,24 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def postprocess(self, seqs: list[Sequence], num_new: list[int], next_tokens: list[int | None]):
-        """Account for a finished step; returns the sequences that finished in it."""
+    def postprocess(self, seqs: list[Sequence], num_new: list[int], next_tokens: list[int | None],
+                    logprobs: list[TokenLogprobs | None] | None = None,
+                    prompt_logprobs: list[list[TokenLogprobs] | None] | None = None):
+        """Account for a finished step (``ModelRunner.run``'s results); returns the sequences that
+        finished in it."""
         finished = []
-        for seq, n, token in zip(seqs, num_new, next_tokens):
+        for i, (seq, n, token) in enumerate(zip(seqs, num_new, next_tokens)):
             seq.num_computed_tokens += n
             self.block_manager.register_computed_blocks(seq)
+            if prompt_logprobs is not None and prompt_logprobs[i] is not None:
+                seq.prompt_logprobs += prompt_logprobs[i]
             if token is None:  # a prefill chunk that did not reach the end of the prompt
                 continue
             seq.token_ids.append(token)
-            params = seq.sampling_params
-            if (not params.ignore_eos and token in self.eos_token_ids) or token in params.stop_token_ids:
-                seq.finish_reason = "stop"
-            elif seq.num_completion_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
-                seq.finish_reason = "length"
-            else:
+            if logprobs is not None and logprobs[i] is not None:
+                seq.logprobs.append(logprobs[i])
+                seq.cumulative_logprob += logprobs[i][1][0]
+            if not self.stop_checker.check(seq):
                 continue
             seq.status = SequenceStatus.FINISHED
             self.block_manager.free(seq)

@@ -5,19 +5,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from minivllm.distributed import all_reduce, tp_rank, tp_size
+from minivllm.loader import expect_shape
 
 
 class VocabParallelEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int):
         super().__init__()
         tp = tp_size()
+        self.vocab_size = vocab_size
         self.rows = -(-vocab_size // tp)
         self.start = tp_rank() * self.rows
         self.weight = nn.Parameter(torch.empty(self.rows, hidden_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param, loaded):
-        part = loaded[self.start:self.start + self.rows]
+        expect_shape(loaded, (self.vocab_size, param.shape[1]))
+        part = loaded[self.start:self.start + self.rows]  # the last rank's slice may be short: its padding is zeros
         param.data.zero_()
         param.data[:part.shape[0]].copy_(part)
 
@@ -30,10 +33,6 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    def __init__(self, vocab_size: int, hidden_size: int):
-        super().__init__(vocab_size, hidden_size)
-        self.vocab_size = vocab_size
-
     def forward(self, hidden):
         """This rank's slice of the logits (``logits`` gathers the whole vocabulary)."""
         return F.linear(hidden, self.weight)

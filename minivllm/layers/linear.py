@@ -3,7 +3,8 @@
 Column-parallel layers split the output features across tensor-parallel ranks,
 row-parallel layers split the input features and all-reduce their output. With one rank
 they are plain linears. ``weight_loader(param, tensor, shard_id)`` copies a checkpoint
-tensor (possibly one of several merged into this layer) into this rank's slice.
+tensor (possibly one of several merged into this layer) into this rank's slice, once it has
+checked that the tensor has the whole (unsharded) shape.
 """
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,7 @@ from torch import nn
 import kernels
 
 from minivllm.distributed import all_reduce, tp_rank, tp_size
+from minivllm.loader import expect_shape
 
 
 class ColumnParallelLinear(nn.Module):
@@ -32,6 +34,7 @@ class ColumnParallelLinear(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int = 0):
         size = self.output_sizes[shard_id]
         offset = sum(self.output_sizes[:shard_id])
+        expect_shape(loaded, (size * tp_size(), *param.shape[1:]))  # a weight [out, in] or a bias [out]
         param.data.narrow(0, offset, size).copy_(loaded.narrow(0, tp_rank() * size, size))
 
     def forward(self, x):
@@ -66,13 +69,18 @@ class RowParallelLinear(nn.Module):
         # The bias is added once, on rank 0, before the all-reduce sums the partial products.
         self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False) if bias else None
         if bias:
-            self.bias.weight_loader = lambda param, loaded: param.data.copy_(loaded)
+            self.bias.weight_loader = self.bias_loader
 
         self.gemv = False  # fusion="full": kernels.linear (a one-kernel GEMV at one row) instead of F.linear
 
     def weight_loader(self, param, loaded):
         size = param.shape[1]
+        expect_shape(loaded, (param.shape[0], size * tp_size()))
         param.data.copy_(loaded.narrow(1, tp_rank() * size, size))
+
+    def bias_loader(self, param, loaded):
+        expect_shape(loaded, param.shape)
+        param.data.copy_(loaded)
 
     def forward(self, x):
         if self.gemv and self.bias is None:
