@@ -14,7 +14,9 @@ own processes (``minivllm.peers``) on the same GPU, after minivllm's engines hav
 import argparse
 import gc
 import os
+import signal
 import statistics
+import sys
 import time
 
 import torch
@@ -185,6 +187,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("the benchmarks time a GPU; none is available")
+    # A stage limit (timeout) sends SIGTERM: unwind, so that a running peer's process is killed with us
+    # instead of holding the GPU's memory for the next stage.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     args.fusion = list(FUSION_MODES) if args.fusion == "all" else args.fusion.split(",")
     args.peers = [p for p in args.peers.split(",") if p]
     unknown = set(args.peers) - set(PEERS)

@@ -77,3 +77,29 @@ def test_hf_runner_compiled_defaults_and_ttft_rows(tmp_path, capsys):
 def test_run_peer_reports_a_failure_with_its_output():
     with pytest.raises(PeerError, match=r"exited with status 1(.|\n)*does-not-exist"):
         run_peer("hf", ["--model", "/does-not-exist", "--workload", "ttft", "--mode", "eager"], timeout_s=300)
+
+
+def test_a_stopped_benchmark_takes_its_peer_process_with_it(tmp_path):
+    # A stage limit stops the benchmark with SIGTERM while a peer runs: the peer (its own session, so that its
+    # group can be killed) must not live on holding the GPU's memory.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    pid_file = tmp_path / "peer.pid"
+    parent = subprocess.Popen([sys.executable, "-c", f"""
+import os, signal, sys
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # as minivllm.bench does
+from minivllm.peers import run_logged
+child = "import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)"
+run_logged([sys.executable, "-c", child], dict(os.environ), 600, "sleeper")
+"""], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=30) == 143
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)

@@ -39,19 +39,7 @@ def run_peer(module: str, argv: list[str], timeout_s: float) -> list[dict]:
         rows_out = os.path.join(tmp, "rows.json")
         command = [sys.executable, "-m", f"minivllm.peers.{module}", *argv, "--rows-out", rows_out]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])))
-        # Its own session: a timeout kills the whole group (torch.compile's worker processes included).
-        proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1, start_new_session=True)
-        tail = collections.deque(maxlen=OUTPUT_TAIL_LINES)
-        reader = threading.Thread(target=_relay, args=(proc.stdout, module, tail), daemon=True)
-        reader.start()
-        try:
-            returncode = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            returncode = None
-        reader.join(timeout=10)
+        returncode, tail = run_logged(command, env, timeout_s, module)
         what = " ".join(command)
         if returncode is None:
             raise PeerError(f"{what}\ntimed out after {timeout_s:.0f} s; its last output:\n" + "".join(tail))
@@ -61,6 +49,29 @@ def run_peer(module: str, argv: list[str], timeout_s: float) -> list[dict]:
             raise PeerError(f"{what}\nexited cleanly but wrote no rows; its last output:\n" + "".join(tail))
         with open(rows_out) as f:
             return json.load(f)
+
+
+def run_logged(command: list[str], env: dict, timeout_s: float, label: str) -> tuple[int | None, list[str]]:
+    """Runs ``command`` in a session of its own, printing its output with ``label``; returns its exit status
+    (None when it ran past ``timeout_s``) and the tail of its output. Whatever ends the wait (the timeout, or an
+    exception in this process: bench turns SIGTERM into SystemExit) kills the whole group, torch.compile's
+    workers included, so that no orphan keeps holding the GPU's memory."""
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, bufsize=1, start_new_session=True)
+    tail = collections.deque(maxlen=OUTPUT_TAIL_LINES)
+    reader = threading.Thread(target=_relay, args=(proc.stdout, label, tail), daemon=True)
+    reader.start()
+    returncode = None
+    try:
+        returncode = proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    reader.join(timeout=10)
+    return returncode, list(tail)
 
 
 def _relay(stream, module, tail):
