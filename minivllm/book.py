@@ -186,3 +186,40 @@ class trace_steps:
     def frame(self):
         import pandas as pd
         return pd.DataFrame(self.rows)
+
+
+def ladder(modes) -> list[str]:
+    """The fusion modes present, in the ladder's order (``FUSION_MODES``)."""
+    from minivllm.config import FUSION_MODES
+    present = set(modes)
+    return [m for m in FUSION_MODES if m in present]
+
+
+def gain(base: dict, other: dict) -> tuple[float, float, float]:
+    """``1 - other / base`` of two result rows' medians, and its range over their samples: the least and
+    the most the gain can be if any sample of one is paired with any sample of the other."""
+    g = 1 - other["latency_ms"] / base["latency_ms"]
+    low = 1 - max(other["samples_ms"]) / min(base["samples_ms"])
+    high = 1 - min(other["samples_ms"]) / max(base["samples_ms"])
+    return g, low, high
+
+
+def rung_gains(rows, pairs=None):
+    """Per batch size (and prompt length), the gain of each rung of the fusion ladder over the rung below,
+    of ``full`` over ``off`` and over ``eager_elementwise``, and of ``full`` over each peer engine: one row
+    each with the median gain, its sample range, and whether the whole range has one sign ("real")."""
+    import pandas as pd
+    ours = rows[rows.engine == "minivllm"]
+    modes = ladder(ours.fusion.unique())
+    pairs = pairs or ([(a, b) for a, b in zip(modes, modes[1:])]
+                      + [(m, "full") for m in ("eager_elementwise", "off") if m in modes and "full" in modes])
+    out = []
+    for (batch, plen), g in rows.groupby(["batch_size", "seq_len"]):
+        by = {(r.engine if r.engine != "minivllm" else r.fusion): r._asdict() for r in g.itertuples()}
+        peer_pairs = [(e, "full") for e in by if e not in modes and "full" in by]
+        for base, mode in pairs + peer_pairs:
+            if base in by and mode in by:
+                v, low, high = gain(by[base], by[mode])
+                out.append(dict(batch_size=batch, seq_len=plen, comparison=f"{base} -> {mode}", gain=v, low=low,
+                                high=high, real=low > 0 or high < 0))
+    return pd.DataFrame(out)
