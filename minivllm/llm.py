@@ -270,9 +270,9 @@ class LLM:
                 total = sum(seq.sampling_params.max_tokens for seq in seqs)
                 with tqdm(total=total, desc="generate", unit="tok", disable=not use_tqdm) as bar:
                     while not self.scheduler.is_finished():
-                        before = sum(seq.num_completion_tokens for seq in seqs)
+                        before = self.scheduler.num_generated_tokens
                         self.step()
-                        bar.update(sum(seq.num_completion_tokens for seq in seqs) - before)
+                        bar.update(self.scheduler.num_generated_tokens - before)
             except BaseException:
                 self.abort_all()  # whatever broke the loop, the engine stays usable
                 raise
