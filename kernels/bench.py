@@ -20,6 +20,8 @@ Writes ``<out>/kernels-<gpu slug>.json`` and prints a table. Implementations (bf
   norm_linear_chain   what fusion="norm_linear" runs for the same work: fused, then the
                       engine's QK-norm, RoPE and store_kvcache, or SiLU * up (a Triton kernel each)
   sweep               (--sweep) the decode kernel at M=1 on a BLOCK_N x BLOCK_K grid
+  sampler             (--sampler) temperature sampling of [M, vocab] fp32 logits: gumbel_argmax (one
+                      pass) against its eager torch reference; the floor is one read of the logits
 
 And the projections with no norm before them (o_proj, down): ``kernels.linear`` as dispatched
 (fused), its GEMV kernel forced (fused_gemv) and cuBLAS (cublas_linear_only).
@@ -265,6 +267,28 @@ def bench_linear(op, M, rep):
     return rows
 
 
+SAMPLER_MS = (1, 32, 256)
+
+
+def bench_sampler(rep):
+    """Temperature sampling at the Qwen3 vocabulary: the one-pass kernel and the eager reference."""
+    from kernels.sampling import gumbel_argmax, gumbel_argmax_ref
+    rows = []
+    vocab = MODELS[0].vocab
+    for M in SAMPLER_MS:
+        sets = [(torch.randn(M, vocab, device="cuda") * 3, torch.rand(M, device="cuda") + 0.1,
+                 torch.randint(0, 2**32, (M,), device="cuda")) for _ in range(4)]
+        exact = gumbel_argmax_ref(*sets[0])
+        floor = M * vocab * 4 / CEILINGS["copy_bytes_per_s"] * 1e6
+        for impl, fn in (("fused", gumbel_argmax), ("eager_unfused", gumbel_argmax_ref)):
+            same = bool(torch.equal(fn(*sets[0]), exact))
+            us = time_us(lambda s, fn=fn: fn(*s), sets, rep)
+            rows.append({"op": "sampler", "model": MODELS[0].name, "M": M, "N": vocab, "K": None, "dtype": "fp32",
+                         "impl": impl, "us_median": us, "floor_us": floor, "same_tokens_as_reference": same})
+            print(f"  sampler M={M:<4} {impl:<14} {us:9.2f} us (floor {floor:.2f}), same tokens: {same}", flush=True)
+    return rows
+
+
 def sweep(rep):
     """The decode kernel at M=1 on the qkv shapes, one fixed config per point."""
     rows = []
@@ -291,7 +315,8 @@ def sweep(rep):
 def print_table(rows):
     us = {(r["model"], r["op"], r["M"], r["impl"]): r["us_median"] for r in rows}
     keys = list(dict.fromkeys((r["model"], r["op"], r["M"], r["N"], r["K"], r["floor_us"])
-                              for r in rows if r["impl"] == "fused" and (r["model"], r["op"], r["M"], "eager_unfused") in us))
+                              for r in rows if r["impl"] == "fused" and r["op"] != "sampler"
+                          and (r["model"], r["op"], r["M"], "eager_unfused") in us))
     print(f"\n{'model':<11}{'op':<8}{'M':>6}{'N':>8}{'K':>6}{'floor':>9}{'fused':>9}{'cublas':>9}"
           f"{'eager':>9}{'compiled':>9}{'fused/cublas':>13}{'fused/compiled':>15}{'full':>9}{'nl_chain':>9}"
           + "".join(f"{p:>9}" for p in rl.PATHS) + "".join(f"{'full_' + p[:4]:>10}" for p in QKV_PATHS) + "   (us)")
@@ -317,14 +342,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"M in {QUICK_MS} only, shorter timing")
     parser.add_argument("--sweep", action="store_true", help="add the BLOCK_N x BLOCK_K sweep at M=1")
+    parser.add_argument("--sampler", action="store_true", help="add the sampler at the vocabulary (batch 1, 32, 256)")
     parser.add_argument("--out", default="data/results", help="output folder")
     parser.add_argument("--gemv-max-m", type=int, default=rl.GEMV_MAX_M, help="dispatch: GEMV up to this M")
     parser.add_argument("--cublas-min-m", type=int, default=rl.CUBLAS_MIN_M, help="dispatch: cuBLAS route from this M")
     parser.add_argument("--paths", type=lambda v: set(v.split(",")) if v else set(), default=set(QKV_PATHS),
                         help=f"forced paths to time besides the dispatched one (comma-separated, of {QKV_PATHS}; "
                              "empty: none)")
-    parser.add_argument("--ms", type=lambda v: tuple(int(m) for m in v.split(",")),
-                        help="comma-separated M values (overrides --quick's)")
+    parser.add_argument("--ms", type=lambda v: tuple(int(m) for m in v.split(",") if m),
+                        help="comma-separated M values (overrides --quick's; empty: none, e.g. with --sampler)")
     parser.add_argument("--tag", default="", help="suffix of the result file's benchmark name, e.g. -decode")
     args = parser.parse_args(argv)
     rl.GEMV_MAX_M, rl.CUBLAS_MIN_M = args.gemv_max_m, args.cublas_min_m
@@ -340,7 +366,7 @@ def main(argv=None):
     def save():  # after every model too, so that a run cut short still leaves its rows
         write_result("kernels" + args.tag, rows, args.out, "python -m kernels.bench", argv, ceilings=CEILINGS,
                      dispatch={"GEMV_MAX_M": rl.GEMV_MAX_M, "CUBLAS_MIN_M": rl.CUBLAS_MIN_M, "SMALL_M": rl.SMALL_M})
-    ms = args.ms or (QUICK_MS if args.quick else MS)
+    ms = args.ms if args.ms is not None else (QUICK_MS if args.quick else MS)
     for model in MODELS:
         for op, bench in [(op, bench_op) for op in ops(model)] + [(op, bench_linear) for op in linear_ops(model)]:
             for M in ms_for(op, ms):
@@ -353,6 +379,9 @@ def main(argv=None):
         save()
     if args.sweep:
         rows += sweep(rep)
+        save()
+    if args.sampler:
+        rows += bench_sampler(rep)
         save()
     print_table(rows)
     print(f"\n{time.time() - start:.0f} s")

@@ -9,26 +9,23 @@ Sampling is the Gumbel-max trick: argmax(logits / T + Gumbel noise) draws from s
 import torch
 from torch import nn
 
-_MASK32 = 0xFFFFFFFF
+import kernels
+from kernels.sampling import MASK32, MIN_TEMPERATURE, hash32_ref, token_noise
+
 _MASK64 = 2**64 - 1
 _GOLDEN64 = 0x9E3779B97F4A7C15  # SplitMix64's increment
 
 
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """PCG-style integer hash of int64 values in [0, 2^32), a bijection of them; products stay below 2^63."""
-    x = (x * 747796405 + 2891336453) & _MASK32
-    x = ((x >> ((x >> 28) + 4)) ^ x) * 277803737 & _MASK32
-    return (x >> 22) ^ x
+def noise_keys(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """Each row's 32-bit noise key, of (seed, step) alone. Both 32-bit halves of the int64 seed go
+    in, through bijections, so every bit of it counts."""
+    low, high = seeds & MASK32, (seeds >> 32) & MASK32
+    return hash32_ref(hash32_ref(hash32_ref(low) ^ high) ^ (steps & MASK32))
 
 
 def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Uniform (0, 1) noise ``[B, V]`` determined by (seed, step, token id) alone. Both 32-bit
-    halves of the int64 seed go in, through bijections, so every bit of it counts."""
-    low, high = seeds & _MASK32, (seeds >> 32) & _MASK32
-    row = _hash32(_hash32(_hash32(low) ^ high) ^ (steps & _MASK32))
-    token = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
-    bits = _hash32(row[:, None] ^ _hash32(token)[None, :])
-    return (bits.double() + 0.5) / 2.0**32
+    """Uniform (0, 1) noise ``[B, V]`` determined by (seed, step, token id) alone."""
+    return token_noise(noise_keys(seeds, steps), vocab_size)
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -48,14 +45,17 @@ def sample_seed(seed: int, index: int) -> int:
 class Sampler(nn.Module):
     def forward(self, logits, temperatures, top_ks, top_ps, seeds, steps):
         """logits [B, V] (fp32); per-row temperature, top_k (<= 0: off), top_p, seed, step.
-        ``temperatures`` None: the whole batch is greedy (the caller knew it without a device sync)."""
-        greedy = logits.argmax(-1)
+        ``temperatures`` None: the whole batch is greedy (the caller knew it without a device sync).
+        Without top-k or top-p, one pass over the logits (``kernels.gumbel_argmax``; its torch
+        reference on CPU); with them, a sort of the vocabulary first."""
         if temperatures is None or not bool((temperatures > 0).any()):
-            return greedy
-        logits = logits / temperatures.clamp(min=1e-5)[:, None]
-        if bool((top_ks > 0).any()) or bool((top_ps < 1).any()):
-            logits = _filter_top_k_top_p(logits, top_ks, top_ps)
-        gumbel = -torch.log(-torch.log(uniform_noise(seeds, steps, logits.shape[-1])))
+            return logits.argmax(-1)
+        keys = noise_keys(seeds, steps)
+        if not (bool((top_ks > 0).any()) or bool((top_ps < 1).any())):
+            return kernels.gumbel_argmax(logits, temperatures, keys)
+        greedy = logits.argmax(-1)
+        logits = _filter_top_k_top_p(logits / temperatures.clamp(min=MIN_TEMPERATURE)[:, None], top_ks, top_ps)
+        gumbel = -torch.log(-torch.log(token_noise(keys, logits.shape[-1])))
         sampled = (logits.double() + gumbel).argmax(-1)
         return torch.where(temperatures > 0, sampled, greedy)
 
