@@ -31,10 +31,13 @@ def _gumbel_argmax_kernel(LOGITS, TEMPERATURES, KEYS, OUT, stride_b, V, MIN_T, B
     key = tl.load(KEYS + b)
     greedy = t == 0.0
     t = tl.maximum(t, MIN_T)
-    best = -float("inf")
-    best_index = 0
+    lanes = tl.arange(0, BLOCK_V)
+    # Per lane, the best score and its token over the blocks seen (strictly greater: the earlier
+    # block keeps a tie); then the first token among the lanes' best, as torch.argmax picks.
+    best = tl.full([BLOCK_V], -float("inf"), tl.float64)
+    best_token = tl.zeros([BLOCK_V], tl.int64)
     for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
+        cols = start + lanes
         mask = cols < V
         logit = tl.load(LOGITS + b * stride_b + cols, mask=mask, other=0.0)
         bits = _hash32(key ^ _hash32(cols.to(tl.int64)))
@@ -42,12 +45,11 @@ def _gumbel_argmax_kernel(LOGITS, TEMPERATURES, KEYS, OUT, stride_b, V, MIN_T, B
         noisy = (logit / t).to(tl.float64) - tl.log(-tl.log(u))
         score = tl.where(greedy, logit.to(tl.float64), noisy)
         score = tl.where(mask, score, -float("inf"))
-        block_best = tl.max(score, axis=0)
-        block_index = start + tl.argmax(score, axis=0)
-        # Strictly greater: on a tie the earlier block keeps it, as torch.argmax keeps the first index.
-        best_index = tl.where(block_best > best, block_index, best_index)
-        best = tl.maximum(best, block_best)
-    tl.store(OUT + b, best_index.to(tl.int64))
+        better = score > best
+        best = tl.where(better, score, best)
+        best_token = tl.where(better, cols.to(tl.int64), best_token)
+    top = tl.max(best, axis=0)
+    tl.store(OUT + b, tl.min(tl.where(best == top, best_token, V), axis=0))
 
 
 def gumbel_argmax(logits: torch.Tensor, temperatures: torch.Tensor, noise_keys: torch.Tensor) -> torch.Tensor:
