@@ -80,6 +80,12 @@ def cost(M: int, N: int, K: int, residual: bool = True, elem_bytes: int = 2) -> 
     return nbytes, 2 * M * N * K
 
 
+def unfused_cost(M: int, N: int, K: int, elem_bytes: int = 2) -> int:
+    """Bytes of the same work unfused: add + RMSNorm (read x and the residual, write h and the
+    normalised rows), then the linear (read the rows and W, write y)."""
+    return elem_bytes * (4 * M * K + M * K + N * K + M * N)
+
+
 def floor_us(M: int, N: int, K: int, residual: bool = True, bandwidth: float = HBM_BYTES_PER_S,
              flops_per_s: float = PEAK_FLOPS, elem_bytes: int = 2) -> float:
     """Roofline lower bound of the fused op, in microseconds, at the given ceilings (bytes/s, FLOP/s)."""
