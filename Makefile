@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROFILE ?= auto
 
-.PHONY: book test test-gpu demo bench-kernels clean
+.PHONY: book test test-gpu lab demo bench-kernels clean
 
 $(STAMP): requirements.txt
 	@if [ ! -x $(PY) ]; then \
@@ -30,6 +30,14 @@ test-gpu: $(STAMP)
 # profile, published to book/NN_*.ipynb, and the published edition's HTML in _build/html.
 book: $(STAMP)
 	$(PY) book/build.py --profile $(PROFILE)
+
+# The chapters in JupyterLab, on the project's .venv and its "Python 3 (minivllm .venv)" kernel. The
+# kernel imports minivllm and kernels from this checkout (PYTHONPATH). Clear outputs before committing a
+# chapter: notebooks/ holds sources only (make test checks).
+LAB_PORT ?= 8888
+lab: $(STAMP)
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+	  $(VENV)/bin/jupyter lab --notebook-dir=$(CURDIR) --port=$(LAB_PORT) notebooks/01_architecture.ipynb
 
 clean:
 	rm -rf _build

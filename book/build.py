@@ -56,10 +56,42 @@ def execute(slugs, out: Path, profile: str, device: str, results_dir: Path) -> b
                   f"{e.source}\n---\n{e.ename}: {e.evalue}\n\n"
                   f"the executed notebook with the traceback: {out / (slug + '.ipynb')}", file=sys.stderr)
             return False
+        problems = output_problems(out / f"{slug}.ipynb")
+        if problems:
+            print(f"FAILED after {time.time() - t0:.0f} s")
+            print(f"\nchapter {slug} ran, but its outputs show a problem:\n  " + "\n  ".join(problems) +
+                  f"\n\nthe executed notebook: {out / (slug + '.ipynb')}", file=sys.stderr)
+            return False
         print(f"ok {time.time() - t0:.1f} s", flush=True)
         tidy(out / f"{slug}.ipynb")
     print(f"executed {len(slugs)} chapters ({profile} profile, {device}) in {time.time() - start:.0f} s")
     return True
+
+
+# Text that must never reach a reader: a note telling them to rerun something, or a traceback.
+BAD_OUTPUT = re.compile(r"rerun with|Traceback \(most recent call last\)")
+
+
+def output_problems(path: Path) -> list[str]:
+    """What an executed chapter shows that it must not: error outputs (a cell that raised, even where
+    papermill went on), tracebacks and 'rerun with ...' notes in any output. Empty when clean."""
+    import nbformat
+    nb = nbformat.read(path, as_version=4)
+    problems = []
+    for i, cell in enumerate(nb.cells):
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error":
+                problems.append(f"cell {i}: {out.get('ename')}: {out.get('evalue')}")
+                continue
+            texts = [out.get("text", "")] + [v for k, v in out.get("data", {}).items() if k.startswith("text/")]
+            for text in texts:
+                text = "".join(text) if isinstance(text, list) else str(text)
+                m = BAD_OUTPUT.search(text)
+                if m:
+                    line = next(l for l in text.splitlines() if m.group(0) in l)
+                    problems.append(f"cell {i} prints {line.strip()[:160]!r}")
+                    break
+    return problems
 
 
 def tidy(path: Path):
@@ -152,6 +184,8 @@ def main(argv=None) -> int:
     stage(published)
     for nb in chapters:
         shutil.copy2(nb, published / "book" / nb.name)
+        for problem in output_problems(nb):  # only a GPU publish rewrites them: say so, do not fail here
+            print(f"note: the published {nb.name} shows a problem (republish on a GPU): {problem}")
     return 0 if build_html(prune_toc(published, "the published edition"), ROOT) else 1
 
 

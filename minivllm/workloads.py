@@ -1,6 +1,5 @@
 """The benchmark workloads' requests, in one place, so that minivllm and every peer engine
-run exactly the same prompts (the protocol is the book's Method appendix; BENCHMARKS.md in the
-team's notes).
+run exactly the same prompts (the protocol is the book's Method appendix, book/method.md).
 
 Requests are plain data (token-id lists and a few sampling fields) that any engine's API can take.
 """

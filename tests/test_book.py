@@ -67,3 +67,38 @@ def test_smoke_build(tmp_path):
     assert not re.search(r"WARNING:", log), "\n".join(l for l in log.splitlines() if "WARNING:" in l)
     for slug in (p.stem for p in NOTEBOOKS):
         assert re.search(rf"{slug} \.\.\. ok", log), f"{slug} not executed"
+
+
+def test_build_rejects_chapters_that_print_rerun_notes_or_tracebacks(tmp_path):
+    sys.path.insert(0, str(ROOT / "book"))
+    try:
+        from build import output_problems
+    finally:
+        sys.path.remove(str(ROOT / "book"))
+    v4 = nbformat.v4
+
+    def problems(*outputs):
+        cell = v4.new_code_cell("x")
+        cell.outputs = list(outputs)
+        path = tmp_path / "nb.ipynb"
+        nbformat.write(v4.new_notebook(cells=[v4.new_markdown_cell("# t"), cell]), path)
+        return output_problems(path)
+
+    assert problems(v4.new_output("stream", name="stdout", text="all good\n")) == []
+    assert problems(v4.new_output("display_data", data={"text/markdown": "> no sweep rows: rerun with `--sweep`."}))
+    assert problems(v4.new_output("stream", name="stderr", text="Traceback (most recent call last):\n  ...\n"))
+    assert problems(v4.new_output("error", ename="ValueError", evalue="bad", traceback=[]))
+
+
+def test_no_source_points_readers_at_files_outside_the_repository():
+    """The book's own pages and chapter sources name no file a reader cannot find."""
+    banned = re.compile(r"BENCHMARKS\.md|(?<!data/)anchors/h100|environment notes|the issue'?s?\b|shared/")
+    pages = [p for p in (ROOT / "book").glob("*.md")] + NOTEBOOKS
+    offenders = [f"{p.name}: {m.group(0)}" for p in pages for m in banned.finditer(p.read_text())]
+    assert not offenders, offenders
+
+
+def test_chapter_titles_are_numbered():
+    for i, path in enumerate(NOTEBOOKS, 1):
+        title = nbformat.read(path, as_version=4).cells[0].source.splitlines()[0]
+        assert title.startswith(f"# {i}. "), title
