@@ -63,7 +63,8 @@ def gumbel_argmax(logits: torch.Tensor, temperatures: torch.Tensor, noise_keys: 
         raise ValueError(f"gumbel_argmax: temperatures {tuple(temperatures.shape)} {temperatures.dtype} must be "
                          f"[{rows}] float32")
     if noise_keys.shape != (rows,) or noise_keys.dtype != torch.int64:
-        raise ValueError(f"gumbel_argmax: noise_keys {tuple(noise_keys.shape)} {noise_keys.dtype} must be [{rows}] int64")
+        raise ValueError(f"gumbel_argmax: noise_keys {tuple(noise_keys.shape)} {noise_keys.dtype} must be "
+                         f"[{rows}] int64")
     if temperatures.device != logits.device or noise_keys.device != logits.device:
         raise ValueError("gumbel_argmax: temperatures and noise_keys must be on the logits' device")
     if not use_triton(logits):
