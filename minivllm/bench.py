@@ -133,7 +133,7 @@ def ttft(args, ceilings, emit):
 def peer_rows(args, emit) -> dict:
     """The peers of ``--peers`` on the same workload and prompts, each in its own process (run after
     minivllm's engines are shut down: nano-vLLM sizes its KV cache from the GPU memory left free).
-    HF runs its own batch sizes and decode length (its eager steps are CPU-bound at ~70 ms, so it times
+    HF runs its own batch sizes and decode length (its eager steps are CPU-bound, tens of ms, so it times
     fewer tokens); a peer that fails is named with its output's tail in the file, and the others still run."""
     from minivllm import peers
     common = ["--model", args.model, "--model-name", args.model_name, "--workload", args.benchmark,
