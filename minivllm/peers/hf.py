@@ -17,7 +17,8 @@ Each configuration's first call is a full-length run, untimed, and its 5 timed s
 their spread: the previous edition's single sample per batch after a 2-token warm-up (minivllm.bench's ``hf``)
 had batch 1 slower per step than batch 16, which either disappears here or shows as spread.
 
-Device time: eager decode is CPU-bound, tens of ms per step at every batch size up to 256, so the default ``--gen-tokens`` is 16, not minivllm's 128: each configuration costs 6 runs of 17 tokens and 6 of
+Device time: eager decode is CPU-bound, tens of ms per step at every batch size up to 256, so the default
+``--gen-tokens`` is 16, not minivllm's 128: each configuration costs 6 runs of 17 tokens and 6 of
 1 (a warm-up pair, then 5 timed pairs), about 8 s, so eager batches 1,8,32,128,256 take about 40 s and compiled
 batches 1,8 about 50 s, mostly compiling.
 """
