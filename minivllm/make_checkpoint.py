@@ -1,11 +1,13 @@
-"""Writes an HF-format Qwen3 checkpoint with seeded random weights and an offline-trained
-byte-level BPE tokenizer: the embedded default model of the tests, notebooks and benchmarks.
+"""Writes an HF-format checkpoint (Qwen3, Llama or Mistral) with seeded random weights and an
+offline-trained byte-level BPE tokenizer: the embedded default model of the tests, notebooks and
+benchmarks.
 
     python -m minivllm.make_checkpoint --preset qwen3-0.6b --out checkpoints/qwen3-0.6b
 
-The architecture configs of qwen3-0.6b and qwen3-8b are exactly those of the released
-models, so speed measured on them is the real models' speed; a real checkpoint directory
-loads through the same loader.
+Each full-size preset's architecture config is exactly that of the released model (its config.json
+on the Hugging Face hub), so speed measured on it is the real model's speed; a real checkpoint
+directory loads through the same loader. Only the tokenizer is not the model's (the hub is offline
+here), so vocab_size keeps the real embedding shape while ids above the tokenizer's are never typed.
 """
 import argparse
 import json
@@ -15,18 +17,56 @@ import zlib
 import torch
 from safetensors.torch import save_file
 
+LLAMA3_ROPE = dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=8192)
 PRESETS = {
-    "qwen3-tiny": dict(vocab_size=1024, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False,
-                       max_position_embeddings=4096, torch_dtype="float32"),
-    "qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
-                       max_position_embeddings=40960, torch_dtype="bfloat16"),
-    "qwen3-8b": dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
-                     max_position_embeddings=40960, torch_dtype="bfloat16"),
+    "qwen3-tiny": dict(architecture="Qwen3ForCausalLM", vocab_size=1024, hidden_size=64, intermediate_size=160,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                       tie_word_embeddings=False, max_position_embeddings=4096, rms_norm_eps=1e-6,
+                       rope_theta=1000000.0, torch_dtype="float32"),
+    "qwen3-0.6b": dict(architecture="Qwen3ForCausalLM", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+                       num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                       tie_word_embeddings=True, max_position_embeddings=40960, rms_norm_eps=1e-6,
+                       rope_theta=1000000.0, torch_dtype="bfloat16"),
+    "qwen3-8b": dict(architecture="Qwen3ForCausalLM", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                     num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     tie_word_embeddings=False, max_position_embeddings=40960, rms_norm_eps=1e-6,
+                     rope_theta=1000000.0, torch_dtype="bfloat16"),
+    # Tests' Llama and Mistral: the tiny Qwen3's shapes, no QK-norm (overrides give Llama 3's RoPE).
+    "llama-tiny": dict(architecture="LlamaForCausalLM", vocab_size=1024, hidden_size=64, intermediate_size=160,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                       tie_word_embeddings=False, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                       rope_theta=10000.0, rope_scaling=None, torch_dtype="float32"),
+    "mistral-tiny": dict(architecture="MistralForCausalLM", vocab_size=1024, hidden_size=64, intermediate_size=160,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         tie_word_embeddings=False, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                         rope_theta=1000000.0, sliding_window=None, torch_dtype="float32"),
+    # meta-llama/Llama-3.2-1B: tied embeddings, head_dim 64.
+    "llama-3.2-1b": dict(architecture="LlamaForCausalLM", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                         tie_word_embeddings=True, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                         rope_theta=500000.0, rope_scaling=LLAMA3_ROPE, torch_dtype="bfloat16"),
+    # meta-llama/Llama-3.1-8B
+    "llama-3.1-8b": dict(architecture="LlamaForCausalLM", vocab_size=128256, hidden_size=4096,
+                         intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         head_dim=128, tie_word_embeddings=False, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                         rope_theta=500000.0, rope_scaling={**LLAMA3_ROPE, "factor": 8.0}, torch_dtype="bfloat16"),
+    # meta-llama/Llama-2-7b-hf and -13b-hf: MHA, plain RoPE, fp16 weights.
+    "llama-2-7b": dict(architecture="LlamaForCausalLM", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, head_dim=128,
+                       tie_word_embeddings=False, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                       rope_theta=10000.0, rope_scaling=None, torch_dtype="float16"),
+    "llama-2-13b": dict(architecture="LlamaForCausalLM", vocab_size=32000, hidden_size=5120, intermediate_size=13824,
+                        num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40, head_dim=128,
+                        tie_word_embeddings=False, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                        rope_theta=10000.0, rope_scaling=None, torch_dtype="float16"),
+    # mistralai/Mistral-7B-v0.3: no sliding window (v0.1's sliding_window=4096 is refused by the engine).
+    "mistral-7b": dict(architecture="MistralForCausalLM", vocab_size=32768, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                       tie_word_embeddings=False, max_position_embeddings=32768, rms_norm_eps=1e-5,
+                       rope_theta=1000000.0, sliding_window=None, torch_dtype="bfloat16"),
 }
-COMMON = dict(rms_norm_eps=1e-6, rope_theta=1000000.0, attention_bias=False, hidden_act="silu")
+COMMON = dict(attention_bias=False, hidden_act="silu")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "corpus.txt")
 SHARD_BYTES = 4 * 2**30
@@ -47,21 +87,23 @@ def train_tokenizer(out_dir: str, vocab_size: int = 1024):
     return fast
 
 
-def weight_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
-    h, i, d = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
-    nq, nkv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
-    shapes = {"model.embed_tokens.weight": (cfg["vocab_size"], h), "model.norm.weight": (h,)}
-    for layer in range(cfg["num_hidden_layers"]):
+def weight_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """The checkpoint's tensor names and shapes for a ``minivllm.config.ModelConfig``."""
+    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    nq, nkv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
+    for layer in range(cfg.num_hidden_layers):
         p = f"model.layers.{layer}."
         shapes.update({
             p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
             p + "self_attn.q_proj.weight": (nq, h), p + "self_attn.k_proj.weight": (nkv, h),
             p + "self_attn.v_proj.weight": (nkv, h), p + "self_attn.o_proj.weight": (h, nq),
-            p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,),
             p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h), p + "mlp.down_proj.weight": (h, i),
         })
-    if not cfg["tie_word_embeddings"]:
-        shapes["lm_head.weight"] = (cfg["vocab_size"], h)
+        if cfg.qk_norm:
+            shapes.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
     return shapes
 
 
@@ -75,30 +117,45 @@ def random_weight(name: str, shape, seed: int, dtype, device) -> torch.Tensor:
     return w.to(dtype).cpu()
 
 
-def make_checkpoint(preset: str, out_dir: str, seed: int = 0, device: str = "cpu", **overrides):
-    """``overrides`` change preset fields (tests use them for other head counts and tying)."""
-    from transformers import Qwen3Config
-
+def preset_fields(preset: str, overrides: dict) -> dict:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     unknown = set(overrides) - set(PRESETS[preset]) - set(COMMON)
     if unknown:
         raise ValueError(f"unknown config fields {sorted(unknown)}")
+    return {**COMMON, **PRESETS[preset], **overrides}
+
+
+def write_config(preset: str, out_dir: str, eos_token_id: int = 0, **overrides):
+    """Writes the preset's config.json (through transformers' config class of its architecture)."""
+    from transformers import AutoConfig
+
+    from minivllm.models import ARCHITECTURES
+
+    cfg = preset_fields(preset, overrides)
+    dtype_name, architecture = cfg.pop("torch_dtype"), cfg.pop("architecture")
+    hf = AutoConfig.for_model(ARCHITECTURES[architecture].model_type, **cfg, bos_token_id=eos_token_id,
+                              eos_token_id=eos_token_id, dtype=dtype_name)
+    hf.architectures = [architecture]
+    hf.save_pretrained(out_dir)
+
+
+def make_checkpoint(preset: str, out_dir: str, seed: int = 0, device: str = "cpu", **overrides):
+    """``overrides`` change preset fields (tests use them for other head counts, tying and RoPE)."""
+    from minivllm.config import ModelConfig
+
+    cfg = preset_fields(preset, overrides)
     os.makedirs(out_dir, exist_ok=True)
     tokenizer = train_tokenizer(out_dir)
-    cfg = {**COMMON, **PRESETS[preset], **overrides}
     if len(tokenizer) > cfg["vocab_size"]:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than vocab_size {cfg['vocab_size']}")
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    dtype_name = cfg.pop("torch_dtype")
-    hf = Qwen3Config(**cfg, bos_token_id=eos, eos_token_id=eos, dtype=dtype_name)
-    hf.architectures = ["Qwen3ForCausalLM"]
-    hf.save_pretrained(out_dir)
+    write_config(preset, out_dir, eos, **overrides)
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
         json.dump({"eos_token_id": eos, "bos_token_id": eos}, f, indent=1)
-    dtype = getattr(torch, dtype_name)
+    dtype = getattr(torch, cfg["torch_dtype"])
     shards, shard, size = [], {}, 0
-    for name, shape in weight_shapes({**cfg}).items():
+    for name, shape in weight_shapes(ModelConfig.from_dir(out_dir)).items():
         shard[name] = random_weight(name, shape, seed, dtype, device)
         size += shard[name].numel() * shard[name].element_size()
         if size >= SHARD_BYTES:

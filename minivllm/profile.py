@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import kernels
 import minivllm.layers.attention as attention_mod
-import minivllm.models.qwen3 as qwen3_mod
+import minivllm.models.decoder as decoder_mod
 from minivllm import LLM, SamplingParams
 from minivllm.config import FUSION_MODES
 from minivllm.costs import measure_ceilings
@@ -72,7 +72,7 @@ def instrument(llm: LLM):
 
     patches = [(attention_mod, "store_kvcache", "mv::kv_store::store_kvcache"),
                (attention_mod, "paged_attention", "mv::attention::paged_attention"),
-               (qwen3_mod, "norm_linear", lambda norm, lin, x, res, fused, **kw: (
+               (decoder_mod, "norm_linear", lambda norm, lin, x, res, fused, **kw: (
                    f"mv::fused_norm_linear::{names[id(norm)]}+{names[id(lin)]}" if fused else "mv::x")),
                # fusion="full": the qkv kernel (+ QK-norm, RoPE, KV store) and gate_up (+ SiLU * up)
                (kernels, "rmsnorm_qkv_rope_store", "mv::fused_norm_linear::input_layernorm+qkv+qknorm+rope+kv_store"),

@@ -171,6 +171,7 @@ def test_rmsnorm_qkv_rope_store_rejects_bad_inputs():
         (dict(w_folded=case["w_folded"][:-16]), "rows"),
         (dict(w_folded=case["w_folded"][:, :-1]), "must be"),
         (dict(q_norm_weight=case["q_norm_weight"][:8]), "q_norm_weight"),
+        (dict(k_norm_weight=None), "both"),
         (dict(k_norm_weight=case["k_norm_weight"].float()), "dtype"),
         (dict(cos_sin=case["cos_sin"].half()), "cos_sin"),
         (dict(positions=case["positions"][:2]), "positions"),
@@ -196,6 +197,19 @@ def test_split_k_path_twice(M, head_dim, num_q_heads, num_kv_heads, K, with_resi
     for seed in range(2):
         case = make_qkv_case(M, head_dim, num_q_heads, num_kv_heads, dtype, K=K, seed=seed)
         check_qkv({**case, "path": "splitk"}, randn(M, K, dtype=dtype) if with_residual else None)
+
+
+# Llama and Mistral: no QK-norm, so q and k get the row's 1/rms as v does, then RoPE.
+NO_QK_NORM = dict(q_norm_weight=None, k_norm_weight=None, qk_eps=None)
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M,path", [(1, "splitk"), (3, "splitk"), (1, "gemv"), (3, "dot"), (17, "tiled"),
+                                    (17, "cublas"), (80, None)])
+def test_qkv_paths_without_qk_norm(M, path, dtype):
+    case = {**make_qkv_case(M, 16, 6, 2, dtype), **NO_QK_NORM, "path": path}
+    check_qkv(case, randn(M, case["x"].shape[1], dtype=dtype))
 
 
 def test_split_k_path_serves_qkv_gemv_rows_only(monkeypatch):

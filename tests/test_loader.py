@@ -52,8 +52,18 @@ def test_no_config_json(tmp_path):
 
 def test_unsupported_architecture(tmp_path):
     dst = copy_ckpt(tmp_path)
-    edit_config(dst, model_type="llama", architectures=["LlamaForCausalLM"])
-    with pytest.raises(ValueError, match="unsupported architecture"):
+    edit_config(dst, model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    with pytest.raises(ValueError, match=r"unsupported architecture \['GPT2LMHeadModel'\].*LlamaForCausalLM"):
+        LLM(str(dst), device="cpu")
+    edit_config(dst, model_type="gemma", architectures=None)
+    with pytest.raises(ValueError, match="unsupported architecture 'gemma'"):
+        LLM(str(dst), device="cpu")
+
+
+def test_model_type_must_match_the_architecture(tmp_path):
+    dst = copy_ckpt(tmp_path)
+    edit_config(dst, model_type="llama")
+    with pytest.raises(ValueError, match="model_type 'llama'.*'Qwen3ForCausalLM'"):
         LLM(str(dst), device="cpu")
 
 

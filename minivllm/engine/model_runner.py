@@ -21,7 +21,7 @@ from minivllm.layers.logits_processors import apply_penalties, ban_tokens
 from minivllm.layers.logprobs import token_logprobs
 from minivllm.layers.sampler import Sampler
 from minivllm.loader import load_model
-from minivllm.models.qwen3 import Qwen3ForCausalLM
+from minivllm.models import ARCHITECTURES
 from minivllm.sampling_params import SamplingParams
 
 
@@ -41,7 +41,7 @@ class ModelRunner:
         torch.set_default_dtype(config.torch_dtype)
         try:
             with torch.device(self.device):
-                self.model = Qwen3ForCausalLM(cfg)
+                self.model = ARCHITECTURES[cfg.architecture].model_class(cfg)
         finally:
             torch.set_default_dtype(default_dtype)
         load_model(self.model, config.model)
@@ -60,19 +60,15 @@ class ModelRunner:
 
     # ---- KV cache -------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
-        attn = self.model.model.layers[0].self_attn
-        return (2 * len(self.model.model.layers) * self.block_size * attn.num_kv_heads * attn.head_dim
-                * self.config.torch_dtype.itemsize)
+        layers, kv_heads, head_dim = self.model.kv_cache_layout()
+        return 2 * layers * self.block_size * kv_heads * head_dim * self.config.torch_dtype.itemsize
 
     def allocate_kv_cache(self, num_blocks: int):
-        attn = self.model.model.layers[0].self_attn
+        layers, kv_heads, head_dim = self.model.kv_cache_layout()
         self.kv_cache = None  # free the old cache before allocating the new one
-        self.kv_cache = torch.empty(2, len(self.model.model.layers), num_blocks, self.block_size,
-                                    attn.num_kv_heads, attn.head_dim, dtype=self.config.torch_dtype,
-                                    device=self.device)
-        for i, layer in enumerate(self.model.model.layers):
-            layer.self_attn.attn.k_cache = self.kv_cache[0, i]
-            layer.self_attn.attn.v_cache = self.kv_cache[1, i]
+        self.kv_cache = torch.empty(2, layers, num_blocks, self.block_size, kv_heads, head_dim,
+                                    dtype=self.config.torch_dtype, device=self.device)
+        self.model.bind_kv_cache(self.kv_cache[0], self.kv_cache[1])
 
     def kv_budget(self) -> int:
         """Bytes for this rank's KV cache: cpu_kvcache_space_gb on CPU; on GPU what
@@ -141,8 +137,8 @@ class ModelRunner:
         self.graphs = {}
         self.graph_outputs = {}
         self.kv_cache = None
-        for layer in self.model.model.layers:  # their views would keep the cache alive
-            layer.self_attn.attn.k_cache = layer.self_attn.attn.v_cache = None
+        layers = self.model.kv_cache_layout()[0]
+        self.model.bind_kv_cache([None] * layers, [None] * layers)  # their views would keep the cache alive
         if self.device.type == "cuda":  # no kernel may still use the communicators when the group goes
             torch.cuda.synchronize()
 
