@@ -100,6 +100,9 @@ def weight_shapes(cfg) -> dict[str, tuple[int, ...]]:
             p + "self_attn.v_proj.weight": (nkv, h), p + "self_attn.o_proj.weight": (h, nq),
             p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h), p + "mlp.down_proj.weight": (h, i),
         })
+        if cfg.attention_bias:
+            shapes.update({p + f"self_attn.{name}_proj.bias": (n,) for name, n in (("q", nq), ("k", nkv), ("v", nkv),
+                                                                                  ("o", h))})
         if cfg.qk_norm:
             shapes.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
     if not cfg.tie_word_embeddings:

@@ -228,17 +228,18 @@ def test_split_k_path_serves_qkv_gemv_rows_only(monkeypatch):
 
 
 @runs_kernels
-@pytest.mark.parametrize("prompt_lens", [[5, 24], [9]])
-def test_engine_with_full_fusion_runs_the_kernels_and_keeps_greedy_tokens(prompt_lens):
+@pytest.mark.parametrize("preset,prompt_lens", [("qwen3-tiny", [5, 24]), ("qwen3-tiny", [9]), ("llama-tiny", [5, 24])])
+def test_engine_with_full_fusion_runs_the_kernels_and_keeps_greedy_tokens(preset, prompt_lens):
     # The kernels (not their references) inside the engine: chunked prefill (16-token steps), decode
-    # at two rows (cuBLAS routes) and at one (split-K qkv, GEMV o_proj and down_proj).
+    # at two rows (cuBLAS routes) and at one (split-K qkv, GEMV o_proj and down_proj). Llama: the qkv
+    # kernel without QK-norm.
     from minivllm import LLM
     from tests.helpers import greedy_tokens, random_prompts, tiny_checkpoint
 
     prompts = random_prompts(prompt_lens, seed=3)
     settings = dict(device=DEVICE, max_num_batched_tokens=16, max_model_len=64, kvcache_block_size=16)
-    off = greedy_tokens(LLM(tiny_checkpoint(), fusion="off", **settings), prompts, max_tokens=3)
-    assert greedy_tokens(LLM(tiny_checkpoint(), fusion="full", **settings), prompts, max_tokens=3) == off
+    off = greedy_tokens(LLM(tiny_checkpoint(preset), fusion="off", **settings), prompts, max_tokens=3)
+    assert greedy_tokens(LLM(tiny_checkpoint(preset), fusion="full", **settings), prompts, max_tokens=3) == off
 
 
 # Every path, whatever the dispatch rule picks (see tests/test_kernels.py PATH_CASES).
