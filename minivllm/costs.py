@@ -18,7 +18,8 @@ MATMUL_SIZE = 8192
 def weight_bytes(cfg: ModelConfig, itemsize: int) -> int:
     h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     attn = h * d * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
-    per_layer = attn + 3 * h * i + 2 * h + 2 * d
+    biases = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * d + h if cfg.attention_bias else 0
+    per_layer = attn + biases + 3 * h * i + 2 * h + (2 * d if cfg.qk_norm else 0)
     embed = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
     return itemsize * (cfg.num_hidden_layers * per_layer + embed + h)
 

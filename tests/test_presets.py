@@ -46,3 +46,15 @@ def test_kernel_bench_refuses_unknown_models():
     from kernels import bench
     with pytest.raises(SystemExit):
         bench.main(["--models", "qwen3-0.6b,gpt-5"])
+
+
+@pytest.mark.parametrize("preset,overrides", [("qwen3-tiny", {}), ("qwen3-tiny", dict(tie_word_embeddings=True)),
+                                              ("llama-tiny", dict(attention_bias=True)), ("mistral-tiny", {})])
+def test_cost_models_weight_bytes_are_the_engines_parameters(preset, overrides):
+    from minivllm import LLM
+    from minivllm.costs import weight_bytes
+    from tests.helpers import tiny_checkpoint
+
+    llm = LLM(tiny_checkpoint(preset, **overrides), device="cpu")
+    params = llm.model_runner.model.parameters()  # a tied lm_head once
+    assert weight_bytes(llm.config.hf_config, 4) == sum(p.numel() * p.element_size() for p in params)
