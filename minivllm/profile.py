@@ -148,8 +148,7 @@ def start_decoding(llm: LLM, batch: int, context: int, max_tokens: int):
     vocab = llm.config.hf_config.vocab_size
     for _ in range(batch):
         ids = torch.randint(0, min(vocab, 10000), (context,), generator=gen).tolist()
-        llm.scheduler.add(llm._make_sequence(ids, SamplingParams(temperature=0, max_tokens=max_tokens,
-                                                                  ignore_eos=True))[1])
+        llm.add_request(ids, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
     while any(s.num_uncomputed_tokens > 1 for s in llm.scheduler.running) or llm.scheduler.waiting:
         llm.step()
 
@@ -167,17 +166,17 @@ def profile_mode(args, fusion: str) -> list[dict]:
         sync(), walls.append(-time.perf_counter()), llm.step(), sync()
         walls[-1] += time.perf_counter()
     walls = walls[WALL_WARMUP:]  # the first replays after capture and prefill are not the steady state
-    graphs, llm.model_runner.graphs = llm.model_runner.graphs, {}  # eager steps for the breakdown
-    undo = instrument(llm)
-    llm.step()  # warm-up of the eager path
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-    with profile(activities=acts) as prof:
-        for _ in range(args.steps):
-            with record_function("mv::step"):
-                llm.step()
-                sync()
-    undo()
-    llm.model_runner.graphs = graphs
+    graphs = llm.cuda_graphs
+    with llm.eager():  # eager steps for the breakdown
+        undo = instrument(llm)
+        llm.step()  # warm-up of the eager path
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+        with profile(activities=acts) as prof:
+            for _ in range(args.steps):
+                with record_function("mv::step"):
+                    llm.step()
+                    sync()
+        undo()
     steps = [s for s in step_kernels(prof, on_gpu) if s]
     n = len(steps)
     rows, per_name, per_op = [], collections.defaultdict(lambda: [0, 0.0]), collections.defaultdict(lambda: [0, 0.0])
@@ -199,7 +198,7 @@ def profile_mode(args, fusion: str) -> list[dict]:
                      steps_profiled=n, kernels_per_step=kernels, kernels_per_layer=kernels / layers,
                      gpu_us_per_step=sum(t1 - t0 for s in steps for *_, t0, t1 in s) / n,
                      wall_us_per_step=1e6 * statistics.median(walls), wall_us_min=1e6 * min(walls),
-                     wall_us_max=1e6 * max(walls), wall_steps=len(walls), cuda_graphs=bool(graphs),
+                     wall_us_max=1e6 * max(walls), wall_steps=len(walls), cuda_graphs=graphs,
                      dtype=str(llm.config.torch_dtype).replace("torch.", ""), device=llm.config.device,
                      model={k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size", "num_attention_heads",
                                                          "num_key_value_heads", "head_dim", "vocab_size")},

@@ -277,3 +277,38 @@ def test_flash_attn_backend_is_wired_like_the_triton_one(monkeypatch):
     monkeypatch.setattr(attention, "use_flash_attn", lambda q, k_cache: True)
     assert greedy_tokens(LLM(ckpt, **settings), prompts) == expected
     assert {"varlen", "kvcache"} <= set(calls)
+
+
+def test_record_logits_gets_each_sampled_steps_logits(llm):
+    prompts = random_prompts([5, 19], seed=31)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    with llm.record_logits() as logits:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [t.shape for t in logits] == [(2, 1024)] * 4
+    for step, step_logits in enumerate(logits):  # greedy: each step's token is its row's argmax
+        assert step_logits.argmax(-1).tolist() == [o.outputs[0].token_ids[step] for o in outs]
+    llm.generate(prompts, params, use_tqdm=False)
+    assert len(logits) == 4  # nothing recorded after the block
+
+
+def test_add_request_then_step_runs_it_as_generate_does(llm):
+    prompt = random_prompts([23], seed=32)[0]
+    seqs = llm.add_request(prompt, SamplingParams(n=2, temperature=0, max_tokens=5, ignore_eos=True))
+    assert len(seqs) == 2
+    while not llm.scheduler.is_finished():
+        llm.step()
+    expected = greedy_tokens(llm, [prompt], max_tokens=5)[0]
+    assert [seq.completion_token_ids for seq in seqs] == [expected, expected]
+    with pytest.raises(ValueError, match="5000"):  # checked as generate checks it: an id past the vocabulary
+        llm.add_request([5000], SamplingParams())
+    assert llm.scheduler.is_finished()
+
+
+def test_eager_turns_graph_replays_off_on_every_rank_and_back(llm):
+    assert not llm.cuda_graphs  # none captured on CPU
+    prompts = random_prompts([9], seed=33)
+    reference = greedy_tokens(llm, prompts)
+    with llm.eager():
+        assert not llm.model_runner.cuda_graphs_enabled
+        assert greedy_tokens(llm, prompts) == reference
+    assert llm.model_runner.cuda_graphs_enabled

@@ -10,7 +10,6 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from minivllm import LLM, SamplingParams
 from minivllm.layers.rotary import rope_inv_freq
-from minivllm.layers.sampler import Sampler
 from minivllm.make_checkpoint import PRESETS
 from tests.helpers import greedy_tokens, random_prompts, tiny_checkpoint
 
@@ -32,30 +31,21 @@ CONFIGS = {
 }
 
 
-class RecordingSampler(Sampler):
-    def __init__(self):
-        super().__init__()
-        self.logits = []
-
-    def forward(self, logits, *args):
-        self.logits.append(logits.clone())
-        return super().forward(logits, *args)
-
-
 @pytest.mark.parametrize("name", CONFIGS)
 def test_logits_and_greedy_tokens_match_transformers(name):
     preset, overrides = CONFIGS[name]
     ckpt = tiny_checkpoint(preset, **overrides)
     llm = LLM(ckpt, device="cpu", kvcache_block_size=16)
-    recorder = llm.model_runner.sampler = RecordingSampler()
     # Lengths cross block boundaries (16) and mix in one batch.
     prompts = random_prompts([1, 15, 16, 17, 40])
     steps = 10
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True), use_tqdm=False)
+    with llm.record_logits() as logits:
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True),
+                            use_tqdm=False)
     hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     assert type(hf).__name__ == PRESETS[preset]["architecture"]
     # All prompts prefill in one step and decode in lockstep, so row i of every step is prompt i.
-    assert len(recorder.logits) == steps
+    assert len(logits) == steps
     for i, (prompt, out) in enumerate(zip(prompts, outs)):
         tokens = out.outputs[0].token_ids
         full = torch.tensor([prompt + tokens])
@@ -65,7 +55,7 @@ def test_logits_and_greedy_tokens_match_transformers(name):
                                      eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
         assert tokens == ref_tokens
         for t in range(steps):
-            ours, ref = recorder.logits[t][i], ref_logits[len(prompt) - 1 + t]
+            ours, ref = logits[t][i], ref_logits[len(prompt) - 1 + t]
             torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 

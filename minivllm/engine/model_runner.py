@@ -49,6 +49,8 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_cache = None
         self.graphs = {}
+        self.cuda_graphs_enabled = True  # LLM.eager() turns replays off for a while
+        self.logits_log = None  # a list while LLM.record_logits() records: each step's logits to sample
         if config.num_kvcache_blocks is None:
             # Every rank holds the same block ids: the smallest budget decides.
             config.num_kvcache_blocks = distributed.min_over_ranks(self.kv_budget() // self.kv_bytes_per_block(),
@@ -180,7 +182,7 @@ class ModelRunner:
         None elsewhere). A decode step replays a CUDA graph that holds the whole model and the
         lm_head, so only the sampler runs outside it."""
         batch = len(ctx["seqlens_k"])
-        graph_bs = next((bs for bs in self.graphs if bs >= batch), None)
+        graph_bs = next((bs for bs in self.graphs if bs >= batch), None) if self.cuda_graphs_enabled else None
         if ctx["is_prefill"] or graph_bs is None or logit_rows is not None:
             set_context(**ctx)
             try:
@@ -240,6 +242,8 @@ class ModelRunner:
         raw = logits[asks] if asks else None  # a copy: logprobs come from the unprocessed logits
         if rows:
             self.process_logits(logits, rows, seqs)
+        if self.logits_log is not None:
+            self.logits_log.append(logits.clone())
         tokens = self.sampler(logits, *self.sampling_inputs(seqs)).tolist()
         tokens = [t if d else None for t, d in zip(tokens, done)]
         if not asks:
@@ -282,6 +286,10 @@ class ModelRunner:
         return [[next(entries) for _ in span] if span else None for span in spans]
 
     # ---- CUDA graphs ----------------------------------------------------------------
+    def set_cuda_graphs(self, enabled: bool):
+        """Every rank's call: decode steps replay the captured graphs (True) or run eagerly."""
+        self.cuda_graphs_enabled = enabled
+
     @torch.inference_mode()
     def capture_cudagraphs(self):
         """One graph per decode batch size: a replay launches the whole forward at once."""
