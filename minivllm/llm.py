@@ -306,7 +306,8 @@ class LLM:
 
     @property
     def cuda_graphs(self) -> bool:
-        """Whether decode steps replay CUDA graphs now (captured on a GPU unless enforce_eager; off inside ``eager``)."""
+        """Whether decode steps replay CUDA graphs now (captured on a GPU unless enforce_eager; off
+        inside ``eager``)."""
         return bool(self.model_runner.graphs) and self.model_runner.cuda_graphs_enabled
 
     @contextlib.contextmanager
