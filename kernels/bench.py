@@ -47,12 +47,13 @@ from kernels.rmsnorm import rmsnorm, rmsnorm_ref
 from kernels.rmsnorm_qkv import QKV_PATHS, kernel_for as qkv_kernel_for, rmsnorm_qkv_rope_store
 from kernels.rope import rope
 from kernels.silu_mul import silu_mul
-rl = importlib.import_module("kernels.rmsnorm_linear")  # the module (kernels exports a function of that name)
 from kernels.rmsnorm_linear import (fold_rmsnorm_weight, kernel_for, launch, linear, rmsnorm_linear,
                                     rmsnorm_linear_kernel)
 from kernels.shapes import ALL_MODELS, MODELS, MS, QUICK_MS, floor_us, linear_ops, ms_for, ops
 from minivllm.costs import measure_ceilings
 from minivllm.results import write_result
+
+rl = importlib.import_module("kernels.rmsnorm_linear")  # the module (kernels exports a function of that name)
 
 try:  # Liger-Kernel's Triton add + RMSNorm: a kernel-level peer, where it is installed
     from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction
@@ -295,7 +296,8 @@ def sweep(rep, models):
 def print_table(rows):
     us = {(r["model"], r["op"], r["M"], r["impl"]): r["us_median"] for r in rows}
     keys = list(dict.fromkeys((r["model"], r["op"], r["M"], r["N"], r["K"], r["floor_us"])
-                              for r in rows if r["impl"] == "fused" and (r["model"], r["op"], r["M"], "eager_unfused") in us))
+                              for r in rows
+                              if r["impl"] == "fused" and (r["model"], r["op"], r["M"], "eager_unfused") in us))
     print(f"\n{'model':<11}{'op':<8}{'M':>6}{'N':>8}{'K':>6}{'floor':>9}{'fused':>9}{'cublas':>9}"
           f"{'eager':>9}{'compiled':>9}{'fused/cublas':>13}{'fused/compiled':>15}{'full':>9}{'nl_chain':>9}"
           + "".join(f"{p:>9}" for p in rl.PATHS) + "".join(f"{'full_' + p[:4]:>10}" for p in QKV_PATHS) + "   (us)")
@@ -309,7 +311,8 @@ def print_table(rows):
                         for v in (us.get((model, op, M, PATH_IMPL[p])) for p in rl.PATHS))
               + "".join(f"{v:>10.2f}" if v is not None else f"{'-':>10}"
                         for v in (us.get((model, op, M, f"full_{p}")) for p in QKV_PATHS)))
-    print(f"\n{'model':<11}{'linear':<8}{'M':>6}{'N':>8}{'K':>6}{'floor':>9}{'fused':>9}{'gemv':>9}{'cublas':>9}   (us)")
+    print(f"\n{'model':<11}{'linear':<8}{'M':>6}{'N':>8}{'K':>6}{'floor':>9}{'fused':>9}{'gemv':>9}{'cublas':>9}"
+          "   (us)")
     for r in rows:
         if r["impl"] == "fused" and (r["model"], r["op"], r["M"], "eager_unfused") not in us:
             t = [us.get((r["model"], r["op"], r["M"], impl)) for impl in ("fused", "fused_gemv", "cublas_linear_only")]

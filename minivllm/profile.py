@@ -33,8 +33,9 @@ from minivllm.layers.rotary import RotaryEmbedding
 
 # Ops that are one kernel launch on the GPU (a CPU run counts each such call once).
 KERNEL_LIKE = {"norm", "fused_norm_linear", "kv_store", "attention"}
-NAME_RULES = [("fused_norm_linear", "rmsnorm_linear|rmsnorm_qkv"), ("norm", "rmsnorm"), ("attention", "attention|combine_splits"),
-              ("kv_store", "kvcache"), ("gemm", "gemm|gemv|nvjet|cutlass|xmma|cublas|aten::linear|aten::mm|aten::addmm"),
+NAME_RULES = [("fused_norm_linear", "rmsnorm_linear|rmsnorm_qkv"), ("norm", "rmsnorm"),
+              ("attention", "attention|combine_splits"), ("kv_store", "kvcache"),
+              ("gemm", "gemm|gemv|nvjet|cutlass|xmma|cublas|aten::linear|aten::mm|aten::addmm"),
               ("rope", "rotary|rope"), ("activation", "silu|gelu"),
               ("elementwise", "elementwise|aten::(mul|add|sub|cat|copy_|to|div|pow|mean|rsqrt|neg)")]
 VIEWS = {"aten::view", "aten::reshape", "aten::split", "aten::chunk", "aten::flatten", "aten::t", "aten::transpose",
@@ -234,7 +235,8 @@ def main(argv=None):
         torch.cuda.empty_cache()
     for r in rows:
         if r["kind"] == "step":
-            print(f"{r['fusion']:<12} {r['kernels_per_step']:6.0f} kernels/step  {r['gpu_us_per_step']:9.1f} us kernels  "
+            print(f"{r['fusion']:<12} {r['kernels_per_step']:6.0f} kernels/step  "
+                  f"{r['gpu_us_per_step']:9.1f} us kernels  "
                   f"{r['wall_us_per_step']:9.1f} us wall ({'graphs' if r['cuda_graphs'] else 'eager'})")
     on_gpu = torch.cuda.is_available() and args.device != "cpu"
     return write_result("decode_profile", rows, args.out, "python -m minivllm.profile", argv,

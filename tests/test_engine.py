@@ -134,7 +134,8 @@ def test_bad_requests_raise_and_leave_engine_usable(llm, prompts, params, messag
     (dict(top_p=math.nan), "top_p"), (dict(top_k=-2), "top_k"), (dict(top_k=1.5), "top_k"),
     (dict(top_k=True), "top_k"), (dict(max_tokens=0), "max_tokens"), (dict(max_tokens=True), "max_tokens"),
     (dict(seed=1.5), "seed"), (dict(seed=2**64), "seed"), (dict(seed=-2**63 - 1), "seed"), (dict(seed=True), "seed"),
-    (dict(n=0), "n"), (dict(n=True), "n"), (dict(logprobs=-1), "logprobs"), (dict(prompt_logprobs=-1), "prompt_logprobs"),
+    (dict(n=0), "n"), (dict(n=True), "n"), (dict(logprobs=-1), "logprobs"),
+    (dict(prompt_logprobs=-1), "prompt_logprobs"),
     (dict(min_tokens=-1), "min_tokens"), (dict(min_tokens=11, max_tokens=10), "min_tokens"),
     (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(repetition_penalty=math.inf), "repetition_penalty"),
     (dict(presence_penalty=2.5), "presence_penalty"), (dict(frequency_penalty=-3), "frequency_penalty"),
@@ -193,7 +194,8 @@ def test_concurrent_generate_calls_take_turns(llm):
 
     def work(i):
         for _ in range(3):
-            results[i].append((greedy_tokens(llm, prompts[i], max_tokens=8), sampled_tokens(llm, prompts[0][0], seed=77)))
+            results[i].append((greedy_tokens(llm, prompts[i], max_tokens=8),
+                               sampled_tokens(llm, prompts[0][0], seed=77)))
 
     run_in_threads(work, len(prompts))
     assert all(r == [(expected[i], seeded)] * 3 for i, r in enumerate(results))

@@ -98,8 +98,9 @@ def make_qkv_case(M, head_dim, num_q_heads, num_kv_heads, dtype, K=40, seed=0):
 
 
 def in_fp64(case):
-    return {name: t.double() if torch.is_tensor(t) and t.dtype in (torch.bfloat16, torch.float16, torch.float32) and name != "cos_sin"
-            else t for name, t in case.items()}
+    floats = (torch.bfloat16, torch.float16, torch.float32)
+    return {name: t.double() if torch.is_tensor(t) and t.dtype in floats and name != "cos_sin" else t
+            for name, t in case.items()}
 
 
 @runs_kernels
@@ -162,7 +163,8 @@ def check_qkv(case, residual):
         assert_no_worse(got[stored], baseline[name].view_as(got)[stored], exact[name].view_as(got)[stored], name)
         untouched = torch.ones(got.shape[0], dtype=torch.bool, device=DEVICE)
         untouched[stored] = False
-        assert torch.equal(got[untouched], before.view_as(got)[untouched]), f"{name}: a slot not in slot_mapping changed"
+        assert torch.equal(got[untouched], before.view_as(got)[untouched]), \
+            f"{name}: a slot not in slot_mapping changed"
 
 
 def test_rmsnorm_qkv_rope_store_rejects_bad_inputs():

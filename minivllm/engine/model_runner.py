@@ -311,7 +311,8 @@ class ModelRunner:
             self.model.compute_logits(*self.model(g["input_ids"][:bs], g["positions"][:bs]))  # autotune first
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool):
-                self.graph_outputs[bs] = self.model.compute_logits(*self.model(g["input_ids"][:bs], g["positions"][:bs]))
+                self.graph_outputs[bs] = self.model.compute_logits(*self.model(g["input_ids"][:bs],
+                                                                               g["positions"][:bs]))
             pool = pool or graph.pool()
             self.graphs[bs] = graph
             torch.cuda.synchronize()
