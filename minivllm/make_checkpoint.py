@@ -19,52 +19,41 @@ from safetensors.torch import save_file
 
 LLAMA3_ROPE = dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                    original_max_position_embeddings=8192)
+QWEN3, LLAMA, MISTRAL = "Qwen3ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM"
+
+
+def preset(architecture, vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
+           num_key_value_heads, head_dim, tie_word_embeddings, max_position_embeddings, rms_norm_eps, rope_theta,
+           torch_dtype, **family_fields) -> dict:
+    """One preset's config.json fields; ``family_fields`` are those only some families have (and
+    the fields that tests may override must be named here)."""
+    fields = dict(locals())
+    return {**fields.pop("family_fields"), **fields}
+
+
+# The released models' configs (their config.json on the Hugging Face hub), and the tests' tiny models
+# (the tiny Qwen3's shapes; overrides give the Llama one Llama 3's RoPE).
 PRESETS = {
-    "qwen3-tiny": dict(architecture="Qwen3ForCausalLM", vocab_size=1024, hidden_size=64, intermediate_size=160,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                       tie_word_embeddings=False, max_position_embeddings=4096, rms_norm_eps=1e-6,
-                       rope_theta=1000000.0, torch_dtype="float32"),
-    "qwen3-0.6b": dict(architecture="Qwen3ForCausalLM", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
-                       num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-                       tie_word_embeddings=True, max_position_embeddings=40960, rms_norm_eps=1e-6,
-                       rope_theta=1000000.0, torch_dtype="bfloat16"),
-    "qwen3-8b": dict(architecture="Qwen3ForCausalLM", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
-                     num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                     tie_word_embeddings=False, max_position_embeddings=40960, rms_norm_eps=1e-6,
-                     rope_theta=1000000.0, torch_dtype="bfloat16"),
-    # Tests' Llama and Mistral: the tiny Qwen3's shapes, no QK-norm (overrides give Llama 3's RoPE).
-    "llama-tiny": dict(architecture="LlamaForCausalLM", vocab_size=1024, hidden_size=64, intermediate_size=160,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                       tie_word_embeddings=False, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                       rope_theta=10000.0, rope_scaling=None, torch_dtype="float32"),
-    "mistral-tiny": dict(architecture="MistralForCausalLM", vocab_size=1024, hidden_size=64, intermediate_size=160,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                         tie_word_embeddings=False, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                         rope_theta=1000000.0, sliding_window=None, torch_dtype="float32"),
-    # meta-llama/Llama-3.2-1B: tied embeddings, head_dim 64.
-    "llama-3.2-1b": dict(architecture="LlamaForCausalLM", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
-                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-                         tie_word_embeddings=True, max_position_embeddings=131072, rms_norm_eps=1e-5,
-                         rope_theta=500000.0, rope_scaling=LLAMA3_ROPE, torch_dtype="bfloat16"),
-    # meta-llama/Llama-3.1-8B
-    "llama-3.1-8b": dict(architecture="LlamaForCausalLM", vocab_size=128256, hidden_size=4096,
-                         intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                         head_dim=128, tie_word_embeddings=False, max_position_embeddings=131072, rms_norm_eps=1e-5,
-                         rope_theta=500000.0, rope_scaling={**LLAMA3_ROPE, "factor": 8.0}, torch_dtype="bfloat16"),
+    #                     architecture vocab  hidden inter  layers heads kv head tied  max_pos eps   theta  dtype
+    "qwen3-tiny": preset(QWEN3, 1024, 64, 160, 2, 4, 2, 16, False, 4096, 1e-6, 1e6, "float32"),
+    "llama-tiny": preset(LLAMA, 1024, 64, 160, 2, 4, 2, 16, False, 4096, 1e-5, 1e4, "float32", rope_scaling=None),
+    "mistral-tiny": preset(MISTRAL, 1024, 64, 160, 2, 4, 2, 16, False, 4096, 1e-5, 1e6, "float32",
+                           sliding_window=None),
+    "qwen3-0.6b": preset(QWEN3, 151936, 1024, 3072, 28, 16, 8, 128, True, 40960, 1e-6, 1e6, "bfloat16"),
+    "qwen3-8b": preset(QWEN3, 151936, 4096, 12288, 36, 32, 8, 128, False, 40960, 1e-6, 1e6, "bfloat16"),
+    # meta-llama/Llama-3.2-1B (tied embeddings, head_dim 64) and Llama-3.1-8B: the llama3 RoPE.
+    "llama-3.2-1b": preset(LLAMA, 128256, 2048, 8192, 16, 32, 8, 64, True, 131072, 1e-5, 5e5, "bfloat16",
+                           rope_scaling=LLAMA3_ROPE),
+    "llama-3.1-8b": preset(LLAMA, 128256, 4096, 14336, 32, 32, 8, 128, False, 131072, 1e-5, 5e5, "bfloat16",
+                           rope_scaling={**LLAMA3_ROPE, "factor": 8.0}),
     # meta-llama/Llama-2-7b-hf and -13b-hf: MHA, plain RoPE, fp16 weights.
-    "llama-2-7b": dict(architecture="LlamaForCausalLM", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, head_dim=128,
-                       tie_word_embeddings=False, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                       rope_theta=10000.0, rope_scaling=None, torch_dtype="float16"),
-    "llama-2-13b": dict(architecture="LlamaForCausalLM", vocab_size=32000, hidden_size=5120, intermediate_size=13824,
-                        num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40, head_dim=128,
-                        tie_word_embeddings=False, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                        rope_theta=10000.0, rope_scaling=None, torch_dtype="float16"),
+    "llama-2-7b": preset(LLAMA, 32000, 4096, 11008, 32, 32, 32, 128, False, 4096, 1e-5, 1e4, "float16",
+                         rope_scaling=None),
+    "llama-2-13b": preset(LLAMA, 32000, 5120, 13824, 40, 40, 40, 128, False, 4096, 1e-5, 1e4, "float16",
+                          rope_scaling=None),
     # mistralai/Mistral-7B-v0.3: no sliding window (v0.1's sliding_window=4096 is refused by the engine).
-    "mistral-7b": dict(architecture="MistralForCausalLM", vocab_size=32768, hidden_size=4096, intermediate_size=14336,
-                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                       tie_word_embeddings=False, max_position_embeddings=32768, rms_norm_eps=1e-5,
-                       rope_theta=1000000.0, sliding_window=None, torch_dtype="bfloat16"),
+    "mistral-7b": preset(MISTRAL, 32768, 4096, 14336, 32, 32, 8, 128, False, 32768, 1e-5, 1e6, "bfloat16",
+                         sliding_window=None),
 }
 COMMON = dict(attention_bias=False, hidden_act="silu")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
