@@ -86,7 +86,8 @@ class ModelConfig:
         check_unimplemented_features(cfg, path)
         family_fields = family.read_config(cfg, path, layers)
         # transformers 5 writes rope_parameters (rope_theta inside); published checkpoints rope_theta + rope_scaling.
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        # With both, rope_scaling wins and a rope_theta inside the dict beats the top-level one, as in transformers.
+        rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
         heads = size("num_attention_heads")
         kv_heads = size("num_key_value_heads", heads)
         if heads % kv_heads:
