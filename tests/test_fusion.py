@@ -71,5 +71,6 @@ def test_unknown_fusion_is_rejected():
 
 
 def test_fusing_the_norms_refuses_attention_biases():
-    with pytest.raises(ValueError, match="qkv bias"):
-        LLM(tiny_checkpoint("llama-tiny", attention_bias=True), device="cpu", fusion="norm_linear")
+    for mode in ("norm_linear", "full"):
+        with pytest.raises(ValueError, match=f"fusion='{mode}'.*attention_bias=True"):
+            LLM(tiny_checkpoint("llama-tiny", attention_bias=True), device="cpu", fusion=mode)

@@ -170,16 +170,17 @@ class DecoderForCausalLM(nn.Module):
             raise RuntimeError(f"the fusion mode is chosen once per model; it is already {self.fusion_mode!r}")
         fusion = FUSION_MODES[mode]
         if fusion.norm_linear:
-            self._fold_norms()
+            self._fold_norms(mode)
         for layer in self.model.layers:
             layer.self_attn.fusion = layer.mlp.fusion = fusion
             layer.self_attn.rotary_emb.eager = fusion.eager_elementwise
             layer.self_attn.o_proj.gemv = layer.mlp.down_proj.gemv = fusion.gemv_projections
         self.fusion_mode, self.fusion = mode, fusion
 
-    def _fold_norms(self):
+    def _fold_norms(self, mode: str):
         if any(layer.self_attn.qkv_proj.bias is not None for layer in self.model.layers):
-            raise ValueError("RMSNorm+linear fusion does not support a qkv bias")
+            raise ValueError(f"fusion={mode!r} folds each RMSNorm into the linear after it, whose kernels take no "
+                             "qkv bias (attention_bias=True in config.json): use fusion='off'")
         with torch.no_grad():
             for norm, linear in self.norm_linear_pairs():
                 if linear is self.lm_head:
