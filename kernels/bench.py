@@ -49,12 +49,13 @@ from kernels.rmsnorm import rmsnorm, rmsnorm_ref
 from kernels.rmsnorm_qkv import QKV_PATHS, kernel_for as qkv_kernel_for, rmsnorm_qkv_rope_store
 from kernels.rope import rope
 from kernels.silu_mul import silu_mul
-rl = importlib.import_module("kernels.rmsnorm_linear")  # the module (kernels exports a function of that name)
 from kernels.rmsnorm_linear import (fold_rmsnorm_weight, kernel_for, launch, linear, rmsnorm_linear,
                                     rmsnorm_linear_kernel)
-from kernels.shapes import MODELS, MS, QUICK_MS, floor_us, linear_ops, ms_for, ops
+from kernels.shapes import ALL_MODELS, MODELS, MS, QUICK_MS, floor_us, linear_ops, ms_for, ops
 from minivllm.costs import measure_ceilings
 from minivllm.results import write_result
+
+rl = importlib.import_module("kernels.rmsnorm_linear")  # the module (kernels exports a function of that name)
 
 try:  # Liger-Kernel's Triton add + RMSNorm: a kernel-level peer, where it is installed
     from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction
@@ -139,11 +140,12 @@ def full_impls(op, M):
                 "norm_linear_chain": chain}
     if op.op != "qkv":
         return {}
-    model = next(m for m in MODELS if m.name == op.model)
+    model = next(m for m in ALL_MODELS if m.name == op.model)
     head_dim, hq, hkv = model.head_dim, model.num_q_heads, model.num_kv_heads
     block = 256
     cache = torch.zeros(2, triton.cdiv(M, block) + 1, block, hkv, head_dim, device="cuda", dtype=DTYPE)
-    norm_q, norm_k = (torch.ones(head_dim, device="cuda", dtype=DTYPE) for _ in range(2))
+    # Llama and Mistral have no QK-norm: the fused op and the chain skip it.
+    norm_q, norm_k = (torch.ones(head_dim, device="cuda", dtype=DTYPE) if model.qk_norm else None for _ in range(2))
     positions = torch.arange(M, device="cuda") + 1000
     slots = torch.randperm(cache.shape[1] * block, device="cuda")[:M].to(torch.int32)
     inv_freq = 1e6 ** (-torch.arange(0, head_dim, 2, device="cuda") / head_dim)  # Qwen3's rope_theta
@@ -153,13 +155,16 @@ def full_impls(op, M):
     def chain(s):
         qkv, _ = rmsnorm_linear(s.x, s.w_folded, EPS, s.residual, op.rms_cols_start)
         q, k, v = qkv.view(M, -1, head_dim).split([hq, hkv, hkv], 1)
-        q, k = rope(rmsnorm(q, norm_q, EPS), rmsnorm(k, norm_k, EPS), cos_sin, positions)
+        if model.qk_norm:
+            q, k = rmsnorm(q, norm_q, EPS), rmsnorm(k, norm_k, EPS)
+        q, k = rope(q, k, cos_sin, positions)
         store_kvcache(k, v, cache[0], cache[1], slots)
         return q
 
     def full(s, path=None):
-        return rmsnorm_qkv_rope_store(s.x, s.w_folded, EPS, s.residual, norm_q, norm_k, EPS, cos_sin, positions,
-                                      cache[0], cache[1], slots, path=path)
+        return rmsnorm_qkv_rope_store(s.x, s.w_folded, EPS, s.residual, norm_q, norm_k,
+                                      EPS if model.qk_norm else None, cos_sin, positions, cache[0], cache[1], slots,
+                                      path=path)
 
     return {"full": full, **{f"full_{p}": (lambda s, p=p: full(s, p)) for p in paths(M, QKV_PATHS)},
             "norm_linear_chain": chain}
@@ -289,10 +294,10 @@ def bench_sampler(rep):
     return rows
 
 
-def sweep(rep):
+def sweep(rep, models):
     """The decode kernel at M=1 on the qkv shapes, one fixed config per point."""
     rows = []
-    for op in [o for model in MODELS for o in ops(model) if o.op == "qkv"]:
+    for op in [o for model in models for o in ops(model) if o.op == "qkv"]:
         sets = make_inputs(1, op)
         for block_n, block_k in itertools.product(SWEEP_BLOCK_N, SWEEP_BLOCK_K):
             meta = {"BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 1,
@@ -316,7 +321,7 @@ def print_table(rows):
     us = {(r["model"], r["op"], r["M"], r["impl"]): r["us_median"] for r in rows}
     keys = list(dict.fromkeys((r["model"], r["op"], r["M"], r["N"], r["K"], r["floor_us"])
                               for r in rows if r["impl"] == "fused" and r["op"] != "sampler"
-                          and (r["model"], r["op"], r["M"], "eager_unfused") in us))
+                              and (r["model"], r["op"], r["M"], "eager_unfused") in us))
     print(f"\n{'model':<11}{'op':<8}{'M':>6}{'N':>8}{'K':>6}{'floor':>9}{'fused':>9}{'cublas':>9}"
           f"{'eager':>9}{'compiled':>9}{'fused/cublas':>13}{'fused/compiled':>15}{'full':>9}{'nl_chain':>9}"
           + "".join(f"{p:>9}" for p in rl.PATHS) + "".join(f"{'full_' + p[:4]:>10}" for p in QKV_PATHS) + "   (us)")
@@ -330,7 +335,8 @@ def print_table(rows):
                         for v in (us.get((model, op, M, PATH_IMPL[p])) for p in rl.PATHS))
               + "".join(f"{v:>10.2f}" if v is not None else f"{'-':>10}"
                         for v in (us.get((model, op, M, f"full_{p}")) for p in QKV_PATHS)))
-    print(f"\n{'model':<11}{'linear':<8}{'M':>6}{'N':>8}{'K':>6}{'floor':>9}{'fused':>9}{'gemv':>9}{'cublas':>9}   (us)")
+    print(f"\n{'model':<11}{'linear':<8}{'M':>6}{'N':>8}{'K':>6}{'floor':>9}{'fused':>9}{'gemv':>9}{'cublas':>9}"
+          "   (us)")
     for r in rows:
         if r["impl"] == "fused" and (r["model"], r["op"], r["M"], "eager_unfused") not in us:
             t = [us.get((r["model"], r["op"], r["M"], impl)) for impl in ("fused", "fused_gemv", "cublas_linear_only")]
@@ -352,7 +358,12 @@ def main(argv=None):
     parser.add_argument("--ms", type=lambda v: tuple(int(m) for m in v.split(",") if m),
                         help="comma-separated M values (overrides --quick's; empty: none, e.g. with --sampler)")
     parser.add_argument("--tag", default="", help="suffix of the result file's benchmark name, e.g. -decode")
+    parser.add_argument("--models", type=lambda v: v.split(","), default=[m.preset for m in MODELS],
+                        help=f"comma-separated presets, of {[m.preset for m in ALL_MODELS]}")
     args = parser.parse_args(argv)
+    models = [m for m in ALL_MODELS if m.preset in args.models]
+    if len(models) != len(set(args.models)):
+        parser.error(f"--models: unknown presets {sorted(set(args.models) - {m.preset for m in models})}")
     rl.GEMV_MAX_M, rl.CUBLAS_MIN_M = args.gemv_max_m, args.cublas_min_m
     FORCED_PATHS.intersection_update(args.paths)
     if not torch.cuda.is_available():
@@ -367,7 +378,7 @@ def main(argv=None):
         write_result("kernels" + args.tag, rows, args.out, "python -m kernels.bench", argv, ceilings=CEILINGS,
                      dispatch={"GEMV_MAX_M": rl.GEMV_MAX_M, "CUBLAS_MIN_M": rl.CUBLAS_MIN_M, "SMALL_M": rl.SMALL_M})
     ms = args.ms if args.ms is not None else (QUICK_MS if args.quick else MS)
-    for model in MODELS:
+    for model in models:
         for op, bench in [(op, bench_op) for op in ops(model)] + [(op, bench_linear) for op in linear_ops(model)]:
             for M in ms_for(op, ms):
                 op_rows = bench(op, M, rep)
@@ -378,7 +389,7 @@ def main(argv=None):
                 torch.cuda.empty_cache()
         save()
     if args.sweep:
-        rows += sweep(rep)
+        rows += sweep(rep, models)
         save()
     if args.sampler:
         rows += bench_sampler(rep)

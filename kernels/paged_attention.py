@@ -230,10 +230,10 @@ def _combine_splits_kernel(
     ok = tl.arange(0, SPLITS_POW2) < num_splits
     d = tl.arange(0, HEAD_DIM)
     m = tl.load(M_PART + part, mask=ok, other=-1e30)
-    l = tl.load(L_PART + part, mask=ok, other=0.0)
+    l_part = tl.load(L_PART + part, mask=ok, other=0.0)
     acc = tl.load(ACC_PART + part[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None], other=0.0)
     w = tl.exp2(m - tl.max(m, 0))
-    l_sum = tl.sum(w * l, 0)
+    l_sum = tl.sum(w * l_part, 0)
     out = tl.sum(w[:, None] * acc, 0) / tl.where(l_sum == 0.0, 1.0, l_sum)
     tl.store(OUT + t * stride_ot + h * stride_oh + d, out.to(OUT.dtype.element_ty))
 

@@ -1,5 +1,6 @@
-"""Qwen3's whole attention prologue in one kernel: RMSNorm + qkv projection (as in
-``rmsnorm_linear``), then per-head QK RMSNorm, RoPE and the K/V store into the paged cache.
+"""The whole attention prologue in one kernel: RMSNorm + qkv projection (as in
+``rmsnorm_linear``), then per-head QK RMSNorm (Qwen3; ``QK_NORM``: Llama and Mistral have none),
+RoPE and the K/V store into the paged cache.
 
 Unfused, a decode step runs norm -> qkv GEMM -> q_norm -> k_norm -> RoPE (q, k) ->
 store_kvcache, each a kernel that re-reads what the previous one wrote. Here a program owns
@@ -7,7 +8,8 @@ BLOCK_M rows times ONE whole head of the qkv output, so everything after the GEM
 register epilogue:
 
   * v heads get the row's ``r = rsqrt(mean(h ** 2) + eps)`` and go to ``v_cache``;
-  * q and k heads skip ``r`` (their own RMSNorm removes any per-row factor) and are
+  * without QK-norm, q and k heads get ``r`` as v does;
+  * with it, q and k heads skip ``r`` (their own RMSNorm removes any per-row factor) and are
     normalised over the head. To stay exact, eps is scaled like the values it is added to:
     with ``a = q / r`` (what the GEMM gives), ``q * rsqrt(mean(q**2) + eps_qk)`` equals
     ``a * rsqrt(mean(a**2) + eps_qk / r**2)`` and ``1 / r**2 = mean(h**2) + eps``;
@@ -88,11 +90,11 @@ def _qkv_epilogue(
     acc, head, offs_m, M, v_rstd, qk_eps_rows,
     Q, KC, VC, SLOTS, POS, COS_SIN, QW, KW, num_q_heads, num_kv_heads,
     stride_qm, stride_qh, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_cs,
-    HEAD_DIM: tl.constexpr, CACHE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+    QK_NORM: tl.constexpr, HEAD_DIM: tl.constexpr, CACHE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """One head of qkv for BLOCK_M rows (``acc``, fp32 [BLOCK_M, HEAD_DIM]): v gets ``* v_rstd``
-    and goes to the cache; q, k get their head RMSNorm with ``qk_eps_rows`` as eps, RoPE; k to
-    the cache, q out."""
+    and goes to the cache; q, k get their head RMSNorm with ``qk_eps_rows`` as eps (QK_NORM, else
+    ``* v_rstd`` as v), RoPE; k to the cache, q out."""
     HALF: tl.constexpr = HEAD_DIM // 2
     mask_m = offs_m < M
     slot = tl.load(SLOTS + offs_m, mask=mask_m, other=-1).to(tl.int64)  # int64: block * stride can pass 2**31
@@ -106,17 +108,21 @@ def _qkv_epilogue(
         tl.store(dst + cols, v.to(VC.dtype.element_ty), mask=mask_cache)
     else:
         a1, a2 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
-        head_mean_sq = (tl.sum(a1 * a1, axis=1) + tl.sum(a2 * a2, axis=1)) / HEAD_DIM
-        rstd = tl.rsqrt(head_mean_sq + qk_eps_rows)[:, None]
         d = tl.arange(0, HALF)[None, :]
-        if head < num_q_heads:
-            g1 = tl.load(QW + d).to(tl.float32)
-            g2 = tl.load(QW + HALF + d).to(tl.float32)
+        if QK_NORM:
+            head_mean_sq = (tl.sum(a1 * a1, axis=1) + tl.sum(a2 * a2, axis=1)) / HEAD_DIM
+            rstd = tl.rsqrt(head_mean_sq + qk_eps_rows)[:, None]
+            if head < num_q_heads:
+                g1 = tl.load(QW + d).to(tl.float32)
+                g2 = tl.load(QW + HALF + d).to(tl.float32)
+            else:
+                g1 = tl.load(KW + d).to(tl.float32)
+                g2 = tl.load(KW + HALF + d).to(tl.float32)
+            n1 = a1 * rstd * g1
+            n2 = a2 * rstd * g2
         else:
-            g1 = tl.load(KW + d).to(tl.float32)
-            g2 = tl.load(KW + HALF + d).to(tl.float32)
-        n1 = a1 * rstd * g1
-        n2 = a2 * rstd * g2
+            n1 = a1 * v_rstd[:, None]
+            n2 = a2 * v_rstd[:, None]
         pos = tl.load(POS + offs_m, mask=mask_m, other=0).to(tl.int64)[:, None]
         cos = tl.load(COS_SIN + pos * stride_cs + d, mask=mask_m[:, None], other=0.0)
         sin = tl.load(COS_SIN + pos * stride_cs + HALF + d, mask=mask_m[:, None], other=0.0)
@@ -169,7 +175,7 @@ def rmsnorm_qkv_kernel(
     stride_xm, stride_rm, stride_hm, stride_wn, stride_qm, stride_qh,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_cs,
     eps, qk_eps,
-    HAS_RESIDUAL: tl.constexpr, PRECISION: tl.constexpr, GEMV: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, PRECISION: tl.constexpr, GEMV: tl.constexpr, QK_NORM: tl.constexpr,
     HEAD_DIM: tl.constexpr, CACHE_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
@@ -193,12 +199,12 @@ def rmsnorm_qkv_kernel(
         acc, sumsq, is_last = _split_k_sum(acc, sumsq, head, split, PARTIALS, SUMSQ, TICKETS,
                                            SPLIT_K, BLOCK_M, HEAD_DIM)
     if is_last:
-        # q and k skip r; their eps is scaled by 1 / r**2 = mean(h**2) + eps instead (exact).
+        # With QK-norm, q and k skip r; their eps is scaled by 1 / r**2 = mean(h**2) + eps instead (exact).
         mean_sq = sumsq / K
         _qkv_epilogue(acc, head, offs_m, M, tl.rsqrt(mean_sq + eps), qk_eps * (mean_sq + eps),
                       Q, KC, VC, SLOTS, POS, COS_SIN, QW, KW, num_q_heads, num_kv_heads,
                       stride_qm, stride_qh, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-                      stride_cs, HEAD_DIM, CACHE_BLOCK, BLOCK_M)
+                      stride_cs, QK_NORM, HEAD_DIM, CACHE_BLOCK, BLOCK_M)
 
 
 @triton.jit
@@ -208,7 +214,7 @@ def qkv_epilogue_kernel(
     stride_m, stride_qm, stride_qh,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_cs,
     qk_eps,
-    HEAD_DIM: tl.constexpr, CACHE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+    QK_NORM: tl.constexpr, HEAD_DIM: tl.constexpr, CACHE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """The cuBLAS route's second kernel: the same epilogue on a qkv that is already normalised
     (``F.linear(normed rows, W_folded)``), so v gets no factor and q, k use plain qk_eps."""
@@ -222,7 +228,7 @@ def qkv_epilogue_kernel(
     _qkv_epilogue(acc, head, offs_m, M, ones, ones * qk_eps,
                   Q, KC, VC, SLOTS, POS, COS_SIN, QW, KW, num_q_heads, num_kv_heads,
                   stride_qm, stride_qh, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-                  stride_cs, HEAD_DIM, CACHE_BLOCK, BLOCK_M)
+                  stride_cs, QK_NORM, HEAD_DIM, CACHE_BLOCK, BLOCK_M)
 
 
 def _fits_registers(configs, named_args, **meta):
@@ -235,7 +241,7 @@ def _fits_registers(configs, named_args, **meta):
     return fits or [min(configs, key=size.get)]
 
 
-_KEY = ["M_BUCKET", "num_q_heads", "num_kv_heads", "K", "HAS_RESIDUAL"]
+_KEY = ["M_BUCKET", "num_q_heads", "num_kv_heads", "K", "HAS_RESIDUAL", "QK_NORM"]
 _PRUNE = {"early_config_prune": _fits_registers}
 _gemv_kernel = triton.autotune(configs=_GEMV_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(rmsnorm_qkv_kernel)
 _splitk_kernel = triton.autotune(configs=_SPLITK_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(rmsnorm_qkv_kernel)
@@ -280,11 +286,13 @@ def _check_args(op, x, w_folded, residual, q_norm_weight, k_norm_weight, cos_sin
                          f"{head_dim} with Hq a multiple of the cache's {num_kv_heads} KV heads")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"{op}: residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
-    for name, t in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
+    if (q_norm_weight is None) != (k_norm_weight is None):
+        raise ValueError(f"{op}: q_norm_weight and k_norm_weight must both be given (QK-norm) or both be None")
+    norms = {} if q_norm_weight is None else dict(q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight)
+    for name, t in norms.items():
         if t.shape != (head_dim,):
             raise ValueError(f"{op}: {name} {tuple(t.shape)} must be [head_dim={head_dim}]")
-    tensors = dict(x=x, w_folded=w_folded, q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight,
-                   k_cache=k_cache, v_cache=v_cache)
+    tensors = dict(x=x, w_folded=w_folded, **norms, k_cache=k_cache, v_cache=v_cache)
     check_tensors(op, **tensors, **({} if residual is None else {"residual": residual}))
     if cos_sin.dim() != 2 or cos_sin.shape[1] != head_dim or cos_sin.dtype != torch.float32:
         raise ValueError(f"{op}: cos_sin must be an fp32 [max_position, head_dim={head_dim}] table, got "
@@ -305,9 +313,9 @@ def rmsnorm_qkv_rope_store(
     w_folded: torch.Tensor,
     eps: float,
     residual: torch.Tensor | None,
-    q_norm_weight: torch.Tensor,
-    k_norm_weight: torch.Tensor,
-    qk_eps: float,
+    q_norm_weight: torch.Tensor | None,
+    k_norm_weight: torch.Tensor | None,
+    qk_eps: float | None,
     cos_sin: torch.Tensor,
     positions: torch.Tensor,
     k_cache: torch.Tensor,
@@ -315,11 +323,12 @@ def rmsnorm_qkv_rope_store(
     slot_mapping: torch.Tensor,
     path: str | None = None,
 ):
-    """Qwen3's attention input: returns q ``[M, Hq, D]`` (normed, rotated) and stores k, v.
+    """The attention input: returns q ``[M, Hq, D]`` (normed, rotated) and stores k, v.
 
     ``h = x (+ residual)``; ``qkv = rmsnorm(h) @ W.T`` with ``w_folded = fold_rmsnorm_weight(
     input_layernorm.weight, W_qkv)`` ([(Hq + 2 Hkv) * D, K], rows q heads, k heads, v heads);
-    ``q = rope(q_norm(q))``, ``k = rope(k_norm(k))`` with ``cos_sin`` [max_position, D] (cos
+    ``q = rope(q_norm(q))``, ``k = rope(k_norm(k))`` (Qwen3; with ``q_norm_weight``,
+    ``k_norm_weight`` and ``qk_eps`` None there is no QK-norm: ``q = rope(q)``) with ``cos_sin`` [max_position, D] (cos
     then sin, fp32) at ``positions`` [M]; k, v written to the ``[blocks, block_size, Hkv, D]``
     caches at ``slot_mapping`` [M] (-1: skipped). With a residual returns ``(q, h)``.
     ``path``: as in ``rmsnorm_linear``, plus "splitk" (M <= GEMV_MAX_ROWS, module docstring). None
@@ -335,6 +344,8 @@ def rmsnorm_qkv_rope_store(
                                           positions, k_cache, v_cache, slot_mapping)
     m, k = x.shape
     num_kv_heads, head_dim = k_cache.shape[2:]
+    qk_norm = q_norm_weight is not None
+    qk_eps = qk_eps if qk_norm else 0.0  # read only with QK-norm
     q = torch.empty((m, num_q_heads, head_dim), dtype=x.dtype, device=x.device)
     h = torch.empty_like(x) if residual is not None else None
     path = path_for(m, path, QKV_PATHS)
@@ -348,7 +359,7 @@ def rmsnorm_qkv_rope_store(
         qkv_epilogue_kernel[grid](
             qkv, q, k_cache, v_cache, slot_mapping, positions, cos_sin, q_norm_weight, k_norm_weight,
             m, num_q_heads, num_kv_heads, qkv.stride(0), q.stride(0), q.stride(1), *cache_args, qk_eps,
-            HEAD_DIM=head_dim, CACHE_BLOCK=k_cache.shape[1], BLOCK_M=EPILOGUE_BLOCK_M,
+            QK_NORM=qk_norm, HEAD_DIM=head_dim, CACHE_BLOCK=k_cache.shape[1], BLOCK_M=EPILOGUE_BLOCK_M,
             num_warps=4,
         )
     elif m > 0:
@@ -366,7 +377,7 @@ def rmsnorm_qkv_rope_store(
             x.stride(0), residual.stride(0) if residual is not None else 0, h.stride(0) if h is not None else 0,
             w_folded.stride(0), q.stride(0), q.stride(1), *cache_args,
             eps, qk_eps,
-            HAS_RESIDUAL=residual is not None, PRECISION=precision(x.dtype),
+            HAS_RESIDUAL=residual is not None, PRECISION=precision(x.dtype), QK_NORM=qk_norm,
             HEAD_DIM=head_dim, CACHE_BLOCK=k_cache.shape[1], **meta,
         )
     return q if residual is None else (q, h)
@@ -382,7 +393,8 @@ def rmsnorm_qkv_rope_store_ref(x, w_folded, eps, residual, q_norm_weight, k_norm
     q, k, v = qkv.view(x.shape[0], -1, head_dim).split([qkv.shape[1] // head_dim - 2 * num_kv_heads,
                                                         num_kv_heads, num_kv_heads], dim=1)
     cos, sin = cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
-    q = rope_ref(rmsnorm_ref(q, q_norm_weight, qk_eps), cos, sin)
-    k = rope_ref(rmsnorm_ref(k, k_norm_weight, qk_eps), cos, sin)
+    if q_norm_weight is not None:
+        q, k = rmsnorm_ref(q, q_norm_weight, qk_eps), rmsnorm_ref(k, k_norm_weight, qk_eps)
+    q, k = rope_ref(q, cos, sin), rope_ref(k, cos, sin)
     store_kvcache_ref(k, v, k_cache, v_cache, slot_mapping)
     return q if residual is None else (q, h)

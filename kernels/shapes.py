@@ -1,8 +1,9 @@
 """Shapes shared by the kernel tests, the benchmark and NOTES.md.
 
-Every fused op is ``y = rmsnorm(x + residual) @ W.T`` with ``W`` [N, K], as in a Qwen3
-decoder layer (input_layernorm -> qkv_proj, post_attention_layernorm -> gate_up_proj)
-and at the end of the model (final norm -> lm_head).
+Every fused op is ``y = rmsnorm(x + residual) @ W.T`` with ``W`` [N, K], as in a Qwen3, Llama
+or Mistral decoder layer (input_layernorm -> qkv_proj, post_attention_layernorm -> gate_up_proj)
+and at the end of the model (final norm -> lm_head). Each model here is a preset of
+``minivllm.make_checkpoint`` (``preset``); ``MODELS`` are the ones benchmarked by default.
 """
 from dataclasses import dataclass
 
@@ -31,13 +32,27 @@ class Model:
     head_dim: int
     intermediate: int
     vocab: int
+    preset: str
+    qk_norm: bool = False  # Qwen3's per-head RMSNorm of q and k inside the qkv op
+    lm_head: bool = False  # benchmark its norm -> lm_head pair too
 
 
 QWEN3_0_6B = Model("Qwen3-0.6B", hidden=1024, num_q_heads=16, num_kv_heads=8, head_dim=128,
-                   intermediate=3072, vocab=151936)
+                   intermediate=3072, vocab=151936, preset="qwen3-0.6b", qk_norm=True, lm_head=True)
 QWEN3_8B = Model("Qwen3-8B", hidden=4096, num_q_heads=32, num_kv_heads=8, head_dim=128,
-                 intermediate=12288, vocab=151936)
+                 intermediate=12288, vocab=151936, preset="qwen3-8b", qk_norm=True)
+LLAMA_3_2_1B = Model("Llama-3.2-1B", hidden=2048, num_q_heads=32, num_kv_heads=8, head_dim=64,
+                     intermediate=8192, vocab=128256, preset="llama-3.2-1b", lm_head=True)
+LLAMA_3_1_8B = Model("Llama-3.1-8B", hidden=4096, num_q_heads=32, num_kv_heads=8, head_dim=128,
+                     intermediate=14336, vocab=128256, preset="llama-3.1-8b")
+LLAMA_2_7B = Model("Llama-2-7B", hidden=4096, num_q_heads=32, num_kv_heads=32, head_dim=128,
+                   intermediate=11008, vocab=32000, preset="llama-2-7b")
+LLAMA_2_13B = Model("Llama-2-13B", hidden=5120, num_q_heads=40, num_kv_heads=40, head_dim=128,
+                    intermediate=13824, vocab=32000, preset="llama-2-13b")
+MISTRAL_7B = Model("Mistral-7B-v0.3", hidden=4096, num_q_heads=32, num_kv_heads=8, head_dim=128,
+                   intermediate=14336, vocab=32768, preset="mistral-7b")
 MODELS = (QWEN3_0_6B, QWEN3_8B)
+ALL_MODELS = (QWEN3_0_6B, QWEN3_8B, LLAMA_3_2_1B, LLAMA_3_1_8B, LLAMA_2_7B, LLAMA_2_13B, MISTRAL_7B)
 
 
 @dataclass(frozen=True)
@@ -50,7 +65,7 @@ class Op:
 
 
 def ops(model: Model) -> list[Op]:
-    """The norm -> linear pairs of one model; lm_head only for the 0.6B model."""
+    """The norm -> linear pairs of one model; lm_head only where ``model.lm_head``."""
     n_qkv = (model.num_q_heads + 2 * model.num_kv_heads) * model.head_dim
     out = [
         # rms_cols_start = 0 as the engine runs it: on the cuBLAS route a q/k split costs a second GEMM
@@ -58,7 +73,7 @@ def ops(model: Model) -> list[Op]:
         Op(model.name, "qkv", n_qkv, model.hidden, 0),
         Op(model.name, "gate_up", 2 * model.intermediate, model.hidden, 0),
     ]
-    if model is QWEN3_0_6B:
+    if model.lm_head:
         out.append(Op(model.name, "lm_head", model.vocab, model.hidden, 0))
     return out
 

@@ -138,15 +138,12 @@ def missing(name: str, command: str) -> None:
 
 def model_config(preset: str, **overrides):
     """The engine's ModelConfig of an embedded preset, without writing any weights (e.g. 'qwen3-8b')."""
-    import torch
+    import tempfile
     from minivllm.config import ModelConfig
-    from minivllm.make_checkpoint import COMMON, PRESETS
-    cfg = {**COMMON, **PRESETS[preset], **overrides}
-    return ModelConfig(**{k: cfg[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                              "num_attention_heads", "num_key_value_heads", "head_dim",
-                                              "rms_norm_eps", "rope_theta", "max_position_embeddings",
-                                              "tie_word_embeddings", "attention_bias")},
-                       torch_dtype=getattr(torch, cfg["torch_dtype"]))
+    from minivllm.make_checkpoint import write_config
+    with tempfile.TemporaryDirectory() as tmp:
+        write_config(preset, tmp, **overrides)
+        return ModelConfig.from_dir(tmp)
 
 
 class trace_steps:

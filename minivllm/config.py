@@ -39,7 +39,10 @@ FUSION_MODES = {
 
 @dataclass
 class ModelConfig:
-    """The fields of an HF Qwen3 ``config.json`` that the engine uses."""
+    """The fields of an HF ``config.json`` that the engine uses, for any architecture of
+    ``minivllm.models.ARCHITECTURES``. ``rope_scaling``: None (plain RoPE) or the llama3 RoPE's
+    parameters (``rope_type``, ``factor``, ``low_freq_factor``, ``high_freq_factor``,
+    ``original_max_position_embeddings``)."""
 
     vocab_size: int
     hidden_size: int
@@ -54,6 +57,9 @@ class ModelConfig:
     tie_word_embeddings: bool
     attention_bias: bool
     torch_dtype: torch.dtype
+    architecture: str
+    qk_norm: bool
+    rope_scaling: dict | None
     eos_token_ids: list[int] = field(default_factory=list)
 
     @classmethod
@@ -64,10 +70,7 @@ class ModelConfig:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no config.json in model directory {model_dir!r}")
         cfg = read_json_object(path)
-        archs = cfg.get("architectures") or []
-        if cfg.get("model_type") != "qwen3" or (archs and "Qwen3ForCausalLM" not in archs):
-            raise ValueError(f"unsupported architecture {archs or cfg.get('model_type')!r} in {path}: "
-                             "minivllm runs Qwen3ForCausalLM (model_type 'qwen3')")
+        architecture, family = find_architecture(cfg, path)
 
         def get(key, default=None):
             if cfg.get(key) is not None:
@@ -80,8 +83,11 @@ class ModelConfig:
             return checks.integer(f"{key} in {path}", get(key, default), low=1)
 
         layers = size("num_hidden_layers")
-        check_unimplemented_features(cfg, path, layers)
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        check_unimplemented_features(cfg, path)
+        family_fields = family.read_config(cfg, path, layers)
+        # transformers 5 writes rope_parameters (rope_theta inside); published checkpoints rope_theta + rope_scaling.
+        # With both, rope_scaling wins and a rope_theta inside the dict beats the top-level one, as in transformers.
+        rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
         heads = size("num_attention_heads")
         kv_heads = size("num_key_value_heads", heads)
         if heads % kv_heads:
@@ -111,9 +117,11 @@ class ModelConfig:
                                    low=0, low_open=True),
             max_position_embeddings=size("max_position_embeddings", 32768),
             tie_word_embeddings=checks.flag(f"tie_word_embeddings in {path}", get("tie_word_embeddings", False)),
-            attention_bias=checks.flag(f"attention_bias in {path}", get("attention_bias", False)),
             torch_dtype=CHECKPOINT_DTYPES[dtype_name],
             eos_token_ids=[checks.integer(f"eos_token_id in {path}", t) for t in eos],
+            architecture=architecture,
+            rope_scaling=llama3_rope_parameters(rope, path) if rope_type(rope) == "llama3" else None,
+            **family_fields,
         )
 
 
@@ -131,21 +139,79 @@ def read_json_object(path: str) -> dict:
     return data
 
 
-def check_unimplemented_features(cfg: dict, path: str, num_layers: int):
-    """Refuses what transformers would honour and the engine would silently compute otherwise:
-    RoPE scaling and sliding-window attention (decided as in transformers' Qwen3 config)."""
+def find_architecture(cfg: dict, path: str):
+    """(name, ``minivllm.models.Architecture``) of the config: its ``architectures`` entry that the
+    registry knows, or without one the architecture of its ``model_type``."""
+    from minivllm.models import ARCHITECTURES  # not at the top: the models import this module
+
+    archs = cfg.get("architectures") or []
+    if not isinstance(archs, list):
+        raise ValueError(f"architectures in {path} must be a list of names, got {archs!r}")
+    known = [a for a in archs if a in ARCHITECTURES]
+    if not archs:
+        known = [a for a, family in ARCHITECTURES.items() if family.model_type == cfg.get("model_type")]
+    if not known:
+        raise ValueError(f"unsupported architecture {archs or cfg.get('model_type')!r} in {path}: minivllm runs "
+                         f"{', '.join(ARCHITECTURES)}")
+    family = ARCHITECTURES[known[0]]
+    if cfg.get("model_type", family.model_type) != family.model_type:
+        raise ValueError(f"model_type {cfg['model_type']!r} in {path} does not match architecture {known[0]!r} "
+                         f"(model_type {family.model_type!r})")
+    return known[0], family
+
+
+ROPE_TYPES = ("default", "llama3")
+LLAMA3_ROPE_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def rope_type(rope: dict) -> str:
+    return rope.get("rope_type", rope.get("type", "default"))  # "type" is the older name
+
+
+def llama3_rope_parameters(rope: dict, path: str) -> dict:
+    """The llama3 RoPE's parameters, checked (``minivllm.layers.rotary.rope_inv_freq`` uses them)."""
+    missing = [k for k in LLAMA3_ROPE_FIELDS if rope.get(k) is None]
+    if missing:
+        raise ValueError(f"the llama3 RoPE in {path} lacks {missing}")
+    out = {"rope_type": "llama3"}
+    for key in LLAMA3_ROPE_FIELDS[:3]:
+        out[key] = checks.real(f"rope {key} in {path}", rope[key], low=0, low_open=True)
+    out["original_max_position_embeddings"] = checks.integer(
+        f"rope original_max_position_embeddings in {path}", rope["original_max_position_embeddings"], low=1)
+    if out["high_freq_factor"] <= out["low_freq_factor"]:
+        raise ValueError(f"the llama3 RoPE in {path} needs high_freq_factor > low_freq_factor, got "
+                         f"{out['high_freq_factor']} and {out['low_freq_factor']}")
+    return out
+
+
+def check_unimplemented_features(cfg: dict, path: str):
+    """Refuses what transformers would honour, for every family, and the engine would silently
+    compute otherwise: another activation, another RoPE scaling, partial rotary."""
     if cfg.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act {cfg['hidden_act']!r} in {path} is not implemented (Qwen3 uses 'silu')")
+        raise ValueError(f"hidden_act {cfg['hidden_act']!r} in {path} is not implemented (only 'silu')")
     for key in ("rope_parameters", "rope_scaling"):
         rope = cfg.get(key) or {}
         if not isinstance(rope, dict):
             raise ValueError(f"{key} in {path} must be an object, got {rope!r}")
         if any(isinstance(v, dict) for v in rope.values()):
             raise ValueError(f"per-layer-type RoPE parameters ({key} in {path}) are not implemented")
-        kind = rope.get("rope_type", rope.get("type", "default"))  # "type" is the older name
-        if kind != "default":
+        kind = rope_type(rope)
+        if kind not in ROPE_TYPES:
             raise ValueError(f"unsupported RoPE scaling {kind!r} ({key} in {path}): minivllm implements "
-                             "plain RoPE only; remove it to run at the model's native context length")
+                             f"{' and '.join(ROPE_TYPES)} RoPE only; remove it to run at the model's native "
+                             "context length")
+        for where in (rope, cfg):
+            if where.get("partial_rotary_factor", 1.0) != 1.0:
+                raise ValueError(f"partial_rotary_factor={where['partial_rotary_factor']} in {path}: minivllm "
+                                 "rotates whole heads")
+
+
+def attention_bias_field(cfg: dict, path: str) -> bool:
+    return checks.flag(f"attention_bias in {path}", cfg.get("attention_bias") or False)
+
+
+def qwen3_fields(cfg: dict, path: str, num_layers: int) -> dict:
+    """Qwen3: QK-norm; sliding-window attention decided as in transformers' Qwen3 config (refused)."""
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
     types = cfg.get("layer_types")
     if not types:
@@ -158,6 +224,23 @@ def check_unimplemented_features(cfg: dict, path: str, num_layers: int):
         raise ValueError(f"sliding-window attention (use_sliding_window with sliding_window={window} on layers "
                          f"{[i for i, t in enumerate(types) if t == 'sliding_attention']}) in {path} is not "
                          "implemented: minivllm attends over the whole context")
+    return dict(qk_norm=True, attention_bias=attention_bias_field(cfg, path))
+
+
+def llama_fields(cfg: dict, path: str, num_layers: int) -> dict:
+    """Llama 2 and 3.x: no QK-norm; attention biases as configured; no MLP biases (refused)."""
+    if cfg.get("mlp_bias"):
+        raise ValueError(f"mlp_bias={cfg['mlp_bias']!r} in {path}: minivllm's MLP projections have no biases")
+    return dict(qk_norm=False, attention_bias=attention_bias_field(cfg, path))
+
+
+def mistral_fields(cfg: dict, path: str, num_layers: int) -> dict:
+    """Mistral: no QK-norm and no biases (transformers' Mistral reads no attention_bias); a sliding
+    window, which transformers applies on every layer, is refused."""
+    if cfg.get("sliding_window") is not None:
+        raise ValueError(f"sliding_window={cfg['sliding_window']!r} in {path}: minivllm does not implement "
+                         "sliding-window attention: it attends over the whole context")
+    return dict(qk_norm=False, attention_bias=False)
 
 
 @dataclass

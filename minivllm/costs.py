@@ -18,7 +18,8 @@ MATMUL_SIZE = 8192
 def weight_bytes(cfg: ModelConfig, itemsize: int) -> int:
     h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     attn = h * d * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
-    per_layer = attn + 3 * h * i + 2 * h + 2 * d
+    biases = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * d + h if cfg.attention_bias else 0
+    per_layer = attn + biases + 3 * h * i + 2 * h + (2 * d if cfg.qk_norm else 0)
     embed = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
     return itemsize * (cfg.num_hidden_layers * per_layer + embed + h)
 
@@ -48,14 +49,8 @@ def throughput_floor_s(cfg: ModelConfig, itemsize: int, prompt_lens: list[int], 
 def measure_ceilings(reps: int = 5) -> dict:
     """The GPU's copy bandwidth (a device-to-device copy, bytes read + written) and bf16 matmul rate
     (8192^3 on random data): medians of ``reps`` CUDA-event timings each, with their samples."""
-    from triton.testing import do_bench
-    src = torch.randn(COPY_BYTES // 4, device="cuda")
-    dst = torch.empty_like(src)
-    copy_s = [do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median") * 1e-3 for _ in range(reps)]
-    del src, dst
-    a, b = (torch.randn(MATMUL_SIZE, MATMUL_SIZE, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    mm_s = [do_bench(lambda: a @ b, warmup=25, rep=100, return_mode="median") * 1e-3 for _ in range(reps)]
-    del a, b
+    copy_s = _copy_seconds(reps)  # each timing's tensors are freed when its function returns
+    mm_s = _matmul_seconds(reps)
     torch.cuda.empty_cache()
     copy = [2 * COPY_BYTES / s for s in copy_s]
     flops = [2 * MATMUL_SIZE ** 3 / s for s in mm_s]
@@ -64,3 +59,19 @@ def measure_ceilings(reps: int = 5) -> dict:
             "bf16_matmul_flops_per_s": statistics.median(flops), "bf16_matmul_samples": flops,
             "method": f"device-to-device copy of {COPY_BYTES >> 30} GiB (read + write); bf16 "
                       f"{MATMUL_SIZE}^3 matmul on random data; medians of do_bench medians"}
+
+
+def _median_seconds(fn, reps: int) -> list[float]:
+    from triton.testing import do_bench
+    return [do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3 for _ in range(reps)]
+
+
+def _copy_seconds(reps: int) -> list[float]:
+    src = torch.randn(COPY_BYTES // 4, device="cuda")
+    dst = torch.empty_like(src)
+    return _median_seconds(lambda: dst.copy_(src), reps)
+
+
+def _matmul_seconds(reps: int) -> list[float]:
+    a, b = (torch.randn(MATMUL_SIZE, MATMUL_SIZE, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return _median_seconds(lambda: a @ b, reps)

@@ -7,6 +7,7 @@ An engine runs one call at a time: ``generate``, ``step`` and ``shutdown`` from 
 take turns, since they share the scheduler, the KV cache and the workers.
 """
 import atexit
+import contextlib
 import os
 import random
 import sys
@@ -230,7 +231,7 @@ class LLM:
         return [Sequence(ids, params, sample_seed(seed, i), index=i) for i in range(params.n)]
 
     def _make_sequence(self, prompt, params: SamplingParams) -> tuple[str | None, Sequence]:
-        """A one-sample request, for callers that drive ``step`` themselves (the profiler, chapter 2)."""
+        """A one-sample request, not yet queued (chapter 2; ``add_request`` is the public way)."""
         if params.n != 1:
             raise ValueError(f"_make_sequence makes one sample, got n={params.n}")
         text, ids = self._check_request(prompt, params)
@@ -291,6 +292,51 @@ class LLM:
                 if output is None and self.config.tensor_parallel_size > 1:
                     self._tensor_parallel_failed(error)  # the model step itself failed
                 raise
+
+    def add_request(self, prompt, params: SamplingParams) -> list[Sequence]:
+        """Checks and queues one request without running it, for callers that drive ``step``
+        themselves (the profiler); returns its ``params.n`` sequences."""
+        with self._lock:
+            self._check_running()
+            _, ids = self._check_request(prompt, params)
+            seqs = self._make_samples(ids, params)
+            for seq in seqs:
+                self.scheduler.add(seq)
+            return seqs
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether decode steps replay CUDA graphs now (captured on a GPU unless enforce_eager; off
+        inside ``eager``)."""
+        return bool(self.model_runner.graphs) and self.model_runner.cuda_graphs_enabled
+
+    @contextlib.contextmanager
+    def eager(self):
+        """Within the block every step runs the model eagerly, as with enforce_eager but without
+        recapturing: a profiler attributes each kernel to the op that launched it."""
+        with self._lock:
+            self._check_running()
+            self.model_runner.call("set_cuda_graphs", False)
+        try:
+            yield self
+        finally:
+            with self._lock:
+                if self.model_runner is not None:
+                    self.model_runner.call("set_cuda_graphs", True)
+
+    @contextlib.contextmanager
+    def record_logits(self):
+        """Yields a list that gets, for each step that samples within the block, the fp32 logits
+        [sampled rows, vocab] handed to the sampler (after penalties and min_tokens bans), rows in
+        the step's sequence order."""
+        with self._lock:
+            self._check_running()
+            log = self.model_runner.logits_log = []
+        try:
+            yield log
+        finally:
+            if self.model_runner is not None:
+                self.model_runner.logits_log = None
 
     def reset_prefix_cache(self):
         """Forgets every cached prefix, so that the next requests compute their prompts in full

@@ -1,11 +1,13 @@
-"""Writes an HF-format Qwen3 checkpoint with seeded random weights and an offline-trained
-byte-level BPE tokenizer: the embedded default model of the tests, notebooks and benchmarks.
+"""Writes an HF-format checkpoint (Qwen3, Llama or Mistral) with seeded random weights and an
+offline-trained byte-level BPE tokenizer: the embedded default model of the tests, notebooks and
+benchmarks.
 
     python -m minivllm.make_checkpoint --preset qwen3-0.6b --out checkpoints/qwen3-0.6b
 
-The architecture configs of qwen3-0.6b and qwen3-8b are exactly those of the released
-models, so speed measured on them is the real models' speed; a real checkpoint directory
-loads through the same loader.
+Each full-size preset's architecture config is exactly that of the released model (its config.json
+on the Hugging Face hub), so speed measured on it is the real model's speed; a real checkpoint
+directory loads through the same loader. Only the tokenizer is not the model's (the hub is offline
+here), so vocab_size keeps the real embedding shape while ids above the tokenizer's are never typed.
 """
 import argparse
 import json
@@ -15,18 +17,45 @@ import zlib
 import torch
 from safetensors.torch import save_file
 
+LLAMA3_ROPE = dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=8192)
+QWEN3, LLAMA, MISTRAL = "Qwen3ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM"
+
+
+def preset(architecture, vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
+           num_key_value_heads, head_dim, tie_word_embeddings, max_position_embeddings, rms_norm_eps, rope_theta,
+           torch_dtype, **family_fields) -> dict:
+    """One preset's config.json fields; ``family_fields`` are those only some families have (and
+    the fields that tests may override must be named here)."""
+    fields = dict(locals())
+    return {**fields.pop("family_fields"), **fields}
+
+
+# The released models' configs (their config.json on the Hugging Face hub), and the tests' tiny models
+# (the tiny Qwen3's shapes; overrides give the Llama one Llama 3's RoPE).
 PRESETS = {
-    "qwen3-tiny": dict(vocab_size=1024, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False,
-                       max_position_embeddings=4096, torch_dtype="float32"),
-    "qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
-                       max_position_embeddings=40960, torch_dtype="bfloat16"),
-    "qwen3-8b": dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
-                     max_position_embeddings=40960, torch_dtype="bfloat16"),
+    #                     architecture vocab  hidden inter  layers heads kv head tied  max_pos eps   theta  dtype
+    "qwen3-tiny": preset(QWEN3, 1024, 64, 160, 2, 4, 2, 16, False, 4096, 1e-6, 1e6, "float32"),
+    "llama-tiny": preset(LLAMA, 1024, 64, 160, 2, 4, 2, 16, False, 4096, 1e-5, 1e4, "float32", rope_scaling=None),
+    "mistral-tiny": preset(MISTRAL, 1024, 64, 160, 2, 4, 2, 16, False, 4096, 1e-5, 1e6, "float32",
+                           sliding_window=None),
+    "qwen3-0.6b": preset(QWEN3, 151936, 1024, 3072, 28, 16, 8, 128, True, 40960, 1e-6, 1e6, "bfloat16"),
+    "qwen3-8b": preset(QWEN3, 151936, 4096, 12288, 36, 32, 8, 128, False, 40960, 1e-6, 1e6, "bfloat16"),
+    # meta-llama/Llama-3.2-1B (tied embeddings, head_dim 64) and Llama-3.1-8B: the llama3 RoPE.
+    "llama-3.2-1b": preset(LLAMA, 128256, 2048, 8192, 16, 32, 8, 64, True, 131072, 1e-5, 5e5, "bfloat16",
+                           rope_scaling=LLAMA3_ROPE),
+    "llama-3.1-8b": preset(LLAMA, 128256, 4096, 14336, 32, 32, 8, 128, False, 131072, 1e-5, 5e5, "bfloat16",
+                           rope_scaling={**LLAMA3_ROPE, "factor": 8.0}),
+    # meta-llama/Llama-2-7b-hf and -13b-hf: MHA, plain RoPE, fp16 weights.
+    "llama-2-7b": preset(LLAMA, 32000, 4096, 11008, 32, 32, 32, 128, False, 4096, 1e-5, 1e4, "float16",
+                         rope_scaling=None),
+    "llama-2-13b": preset(LLAMA, 32000, 5120, 13824, 40, 40, 40, 128, False, 4096, 1e-5, 1e4, "float16",
+                          rope_scaling=None),
+    # mistralai/Mistral-7B-v0.3: no sliding window (v0.1's sliding_window=4096 is refused by the engine).
+    "mistral-7b": preset(MISTRAL, 32768, 4096, 14336, 32, 32, 8, 128, False, 32768, 1e-5, 1e6, "bfloat16",
+                         sliding_window=None),
 }
-COMMON = dict(rms_norm_eps=1e-6, rope_theta=1000000.0, attention_bias=False, hidden_act="silu")
+COMMON = dict(attention_bias=False, hidden_act="silu")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "corpus.txt")
 SHARD_BYTES = 4 * 2**30
@@ -47,21 +76,26 @@ def train_tokenizer(out_dir: str, vocab_size: int = 1024):
     return fast
 
 
-def weight_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
-    h, i, d = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
-    nq, nkv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
-    shapes = {"model.embed_tokens.weight": (cfg["vocab_size"], h), "model.norm.weight": (h,)}
-    for layer in range(cfg["num_hidden_layers"]):
+def weight_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """The checkpoint's tensor names and shapes for a ``minivllm.config.ModelConfig``."""
+    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    nq, nkv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
+    for layer in range(cfg.num_hidden_layers):
         p = f"model.layers.{layer}."
         shapes.update({
             p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
             p + "self_attn.q_proj.weight": (nq, h), p + "self_attn.k_proj.weight": (nkv, h),
             p + "self_attn.v_proj.weight": (nkv, h), p + "self_attn.o_proj.weight": (h, nq),
-            p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,),
             p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h), p + "mlp.down_proj.weight": (h, i),
         })
-    if not cfg["tie_word_embeddings"]:
-        shapes["lm_head.weight"] = (cfg["vocab_size"], h)
+        if cfg.attention_bias:
+            shapes.update({p + f"self_attn.{name}_proj.bias": (n,) for name, n in (("q", nq), ("k", nkv), ("v", nkv),
+                                                                                  ("o", h))})
+        if cfg.qk_norm:
+            shapes.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
     return shapes
 
 
@@ -75,30 +109,45 @@ def random_weight(name: str, shape, seed: int, dtype, device) -> torch.Tensor:
     return w.to(dtype).cpu()
 
 
-def make_checkpoint(preset: str, out_dir: str, seed: int = 0, device: str = "cpu", **overrides):
-    """``overrides`` change preset fields (tests use them for other head counts and tying)."""
-    from transformers import Qwen3Config
-
+def preset_fields(preset: str, overrides: dict) -> dict:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     unknown = set(overrides) - set(PRESETS[preset]) - set(COMMON)
     if unknown:
         raise ValueError(f"unknown config fields {sorted(unknown)}")
+    return {**COMMON, **PRESETS[preset], **overrides}
+
+
+def write_config(preset: str, out_dir: str, eos_token_id: int = 0, **overrides):
+    """Writes the preset's config.json (through transformers' config class of its architecture)."""
+    from transformers import AutoConfig
+
+    from minivllm.models import ARCHITECTURES
+
+    cfg = preset_fields(preset, overrides)
+    dtype_name, architecture = cfg.pop("torch_dtype"), cfg.pop("architecture")
+    hf = AutoConfig.for_model(ARCHITECTURES[architecture].model_type, **cfg, bos_token_id=eos_token_id,
+                              eos_token_id=eos_token_id, dtype=dtype_name)
+    hf.architectures = [architecture]
+    hf.save_pretrained(out_dir)
+
+
+def make_checkpoint(preset: str, out_dir: str, seed: int = 0, device: str = "cpu", **overrides):
+    """``overrides`` change preset fields (tests use them for other head counts, tying and RoPE)."""
+    from minivllm.config import ModelConfig
+
+    cfg = preset_fields(preset, overrides)
     os.makedirs(out_dir, exist_ok=True)
     tokenizer = train_tokenizer(out_dir)
-    cfg = {**COMMON, **PRESETS[preset], **overrides}
     if len(tokenizer) > cfg["vocab_size"]:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than vocab_size {cfg['vocab_size']}")
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    dtype_name = cfg.pop("torch_dtype")
-    hf = Qwen3Config(**cfg, bos_token_id=eos, eos_token_id=eos, dtype=dtype_name)
-    hf.architectures = ["Qwen3ForCausalLM"]
-    hf.save_pretrained(out_dir)
+    write_config(preset, out_dir, eos, **overrides)
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
         json.dump({"eos_token_id": eos, "bos_token_id": eos}, f, indent=1)
-    dtype = getattr(torch, dtype_name)
+    dtype = getattr(torch, cfg["torch_dtype"])
     shards, shard, size = [], {}, 0
-    for name, shape in weight_shapes({**cfg}).items():
+    for name, shape in weight_shapes(ModelConfig.from_dir(out_dir)).items():
         shard[name] = random_weight(name, shape, seed, dtype, device)
         size += shard[name].numel() * shard[name].element_size()
         if size >= SHARD_BYTES:

@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import kernels
 import minivllm.layers.attention as attention_mod
-import minivllm.models.qwen3 as qwen3_mod
+import minivllm.models.decoder as decoder_mod
 from minivllm import LLM, SamplingParams
 from minivllm.config import FUSION_MODES
 from minivllm.costs import measure_ceilings
@@ -33,8 +33,9 @@ from minivllm.layers.rotary import RotaryEmbedding
 
 # Ops that are one kernel launch on the GPU (a CPU run counts each such call once).
 KERNEL_LIKE = {"norm", "fused_norm_linear", "kv_store", "attention"}
-NAME_RULES = [("fused_norm_linear", "rmsnorm_linear|rmsnorm_qkv"), ("norm", "rmsnorm"), ("attention", "attention|combine_splits"),
-              ("kv_store", "kvcache"), ("gemm", "gemm|gemv|nvjet|cutlass|xmma|cublas|aten::linear|aten::mm|aten::addmm"),
+NAME_RULES = [("fused_norm_linear", "rmsnorm_linear|rmsnorm_qkv"), ("norm", "rmsnorm"),
+              ("attention", "attention|combine_splits"), ("kv_store", "kvcache"),
+              ("gemm", "gemm|gemv|nvjet|cutlass|xmma|cublas|aten::linear|aten::mm|aten::addmm"),
               ("rope", "rotary|rope"), ("activation", "silu|gelu"),
               ("elementwise", "elementwise|aten::(mul|add|sub|cat|copy_|to|div|pow|mean|rsqrt|neg)")]
 VIEWS = {"aten::view", "aten::reshape", "aten::split", "aten::chunk", "aten::flatten", "aten::t", "aten::transpose",
@@ -72,7 +73,7 @@ def instrument(llm: LLM):
 
     patches = [(attention_mod, "store_kvcache", "mv::kv_store::store_kvcache"),
                (attention_mod, "paged_attention", "mv::attention::paged_attention"),
-               (qwen3_mod, "norm_linear", lambda norm, lin, x, res, fused, **kw: (
+               (decoder_mod, "norm_linear", lambda norm, lin, x, res, fused, **kw: (
                    f"mv::fused_norm_linear::{names[id(norm)]}+{names[id(lin)]}" if fused else "mv::x")),
                # fusion="full": the qkv kernel (+ QK-norm, RoPE, KV store) and gate_up (+ SiLU * up)
                (kernels, "rmsnorm_qkv_rope_store", "mv::fused_norm_linear::input_layernorm+qkv+qknorm+rope+kv_store"),
@@ -148,8 +149,7 @@ def start_decoding(llm: LLM, batch: int, context: int, max_tokens: int):
     vocab = llm.config.hf_config.vocab_size
     for _ in range(batch):
         ids = torch.randint(0, min(vocab, 10000), (context,), generator=gen).tolist()
-        llm.scheduler.add(llm._make_sequence(ids, SamplingParams(temperature=0, max_tokens=max_tokens,
-                                                                  ignore_eos=True))[1])
+        llm.add_request(ids, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
     while any(s.num_uncomputed_tokens > 1 for s in llm.scheduler.running) or llm.scheduler.waiting:
         llm.step()
 
@@ -167,17 +167,17 @@ def profile_mode(args, fusion: str) -> list[dict]:
         sync(), walls.append(-time.perf_counter()), llm.step(), sync()
         walls[-1] += time.perf_counter()
     walls = walls[WALL_WARMUP:]  # the first replays after capture and prefill are not the steady state
-    graphs, llm.model_runner.graphs = llm.model_runner.graphs, {}  # eager steps for the breakdown
-    undo = instrument(llm)
-    llm.step()  # warm-up of the eager path
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-    with profile(activities=acts) as prof:
-        for _ in range(args.steps):
-            with record_function("mv::step"):
-                llm.step()
-                sync()
-    undo()
-    llm.model_runner.graphs = graphs
+    graphs = llm.cuda_graphs
+    with llm.eager():  # eager steps for the breakdown
+        undo = instrument(llm)
+        llm.step()  # warm-up of the eager path
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+        with profile(activities=acts) as prof:
+            for _ in range(args.steps):
+                with record_function("mv::step"):
+                    llm.step()
+                    sync()
+        undo()
     steps = [s for s in step_kernels(prof, on_gpu) if s]
     n = len(steps)
     rows, per_name, per_op = [], collections.defaultdict(lambda: [0, 0.0]), collections.defaultdict(lambda: [0, 0.0])
@@ -199,7 +199,7 @@ def profile_mode(args, fusion: str) -> list[dict]:
                      steps_profiled=n, kernels_per_step=kernels, kernels_per_layer=kernels / layers,
                      gpu_us_per_step=sum(t1 - t0 for s in steps for *_, t0, t1 in s) / n,
                      wall_us_per_step=1e6 * statistics.median(walls), wall_us_min=1e6 * min(walls),
-                     wall_us_max=1e6 * max(walls), wall_steps=len(walls), cuda_graphs=bool(graphs),
+                     wall_us_max=1e6 * max(walls), wall_steps=len(walls), cuda_graphs=graphs,
                      dtype=str(llm.config.torch_dtype).replace("torch.", ""), device=llm.config.device,
                      model={k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size", "num_attention_heads",
                                                          "num_key_value_heads", "head_dim", "vocab_size")},
@@ -235,7 +235,8 @@ def main(argv=None):
         torch.cuda.empty_cache()
     for r in rows:
         if r["kind"] == "step":
-            print(f"{r['fusion']:<12} {r['kernels_per_step']:6.0f} kernels/step  {r['gpu_us_per_step']:9.1f} us kernels  "
+            print(f"{r['fusion']:<12} {r['kernels_per_step']:6.0f} kernels/step  "
+                  f"{r['gpu_us_per_step']:9.1f} us kernels  "
                   f"{r['wall_us_per_step']:9.1f} us wall ({'graphs' if r['cuda_graphs'] else 'eager'})")
     on_gpu = torch.cuda.is_available() and args.device != "cpu"
     return write_result("decode_profile", rows, args.out, "python -m minivllm.profile", argv,

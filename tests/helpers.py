@@ -1,5 +1,5 @@
 """Shared test fixtures' building blocks: tiny checkpoints and engine runs."""
-import functools
+import json
 import tempfile
 import threading
 
@@ -14,11 +14,16 @@ PEER_ROW_FIELDS = {"workload", "engine", "fusion", "tensor_parallel_size", "mode
                    "notes"}
 
 
-@functools.cache
-def tiny_checkpoint(**overrides) -> str:
-    """A qwen3-tiny checkpoint (fp32 random weights), made once per test session per config."""
-    name = "-".join(f"{k}={v}" for k, v in sorted(overrides.items())) or "default"
-    return make_checkpoint("qwen3-tiny", f"{_DIR}/{name}", **overrides)
+_CHECKPOINTS = {}
+
+
+def tiny_checkpoint(preset: str = "qwen3-tiny", **overrides) -> str:
+    """A tiny checkpoint (fp32 random weights; qwen3-tiny, llama-tiny or mistral-tiny), made once per
+    test session per config."""
+    key = json.dumps([preset, overrides], sort_keys=True)  # overrides may hold dicts (rope_scaling)
+    if key not in _CHECKPOINTS:
+        _CHECKPOINTS[key] = make_checkpoint(preset, f"{_DIR}/{len(_CHECKPOINTS)}-{preset}", **overrides)
+    return _CHECKPOINTS[key]
 
 
 def random_prompts(lengths, vocab=1024, seed=0):

@@ -64,7 +64,7 @@ def test_smoke_build(tmp_path):
     html = out / "_build" / "html"
     for nb in NOTEBOOKS:
         assert (html / "book" / f"{nb.stem}.html").exists(), f"no HTML for {nb.stem}"
-    assert not re.search(r"WARNING:", log), "\n".join(l for l in log.splitlines() if "WARNING:" in l)
+    assert not re.search(r"WARNING:", log), "\n".join(line for line in log.splitlines() if "WARNING:" in line)
     for slug in (p.stem for p in NOTEBOOKS):
         assert re.search(rf"{slug} \.\.\. ok", log), f"{slug} not executed"
 

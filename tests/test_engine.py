@@ -134,7 +134,8 @@ def test_bad_requests_raise_and_leave_engine_usable(llm, prompts, params, messag
     (dict(top_p=math.nan), "top_p"), (dict(top_k=-2), "top_k"), (dict(top_k=1.5), "top_k"),
     (dict(top_k=True), "top_k"), (dict(max_tokens=0), "max_tokens"), (dict(max_tokens=True), "max_tokens"),
     (dict(seed=1.5), "seed"), (dict(seed=2**64), "seed"), (dict(seed=-2**63 - 1), "seed"), (dict(seed=True), "seed"),
-    (dict(n=0), "n"), (dict(n=True), "n"), (dict(logprobs=-1), "logprobs"), (dict(prompt_logprobs=-1), "prompt_logprobs"),
+    (dict(n=0), "n"), (dict(n=True), "n"), (dict(logprobs=-1), "logprobs"),
+    (dict(prompt_logprobs=-1), "prompt_logprobs"),
     (dict(min_tokens=-1), "min_tokens"), (dict(min_tokens=11, max_tokens=10), "min_tokens"),
     (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(repetition_penalty=math.inf), "repetition_penalty"),
     (dict(presence_penalty=2.5), "presence_penalty"), (dict(frequency_penalty=-3), "frequency_penalty"),
@@ -193,7 +194,8 @@ def test_concurrent_generate_calls_take_turns(llm):
 
     def work(i):
         for _ in range(3):
-            results[i].append((greedy_tokens(llm, prompts[i], max_tokens=8), sampled_tokens(llm, prompts[0][0], seed=77)))
+            results[i].append((greedy_tokens(llm, prompts[i], max_tokens=8),
+                               sampled_tokens(llm, prompts[0][0], seed=77)))
 
     run_in_threads(work, len(prompts))
     assert all(r == [(expected[i], seeded)] * 3 for i, r in enumerate(results))
@@ -277,3 +279,38 @@ def test_flash_attn_backend_is_wired_like_the_triton_one(monkeypatch):
     monkeypatch.setattr(attention, "use_flash_attn", lambda q, k_cache: True)
     assert greedy_tokens(LLM(ckpt, **settings), prompts) == expected
     assert {"varlen", "kvcache"} <= set(calls)
+
+
+def test_record_logits_gets_each_sampled_steps_logits(llm):
+    prompts = random_prompts([5, 19], seed=31)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    with llm.record_logits() as logits:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [t.shape for t in logits] == [(2, 1024)] * 4
+    for step, step_logits in enumerate(logits):  # greedy: each step's token is its row's argmax
+        assert step_logits.argmax(-1).tolist() == [o.outputs[0].token_ids[step] for o in outs]
+    llm.generate(prompts, params, use_tqdm=False)
+    assert len(logits) == 4  # nothing recorded after the block
+
+
+def test_add_request_then_step_runs_it_as_generate_does(llm):
+    prompt = random_prompts([23], seed=32)[0]
+    seqs = llm.add_request(prompt, SamplingParams(n=2, temperature=0, max_tokens=5, ignore_eos=True))
+    assert len(seqs) == 2
+    while not llm.scheduler.is_finished():
+        llm.step()
+    expected = greedy_tokens(llm, [prompt], max_tokens=5)[0]
+    assert [seq.completion_token_ids for seq in seqs] == [expected, expected]
+    with pytest.raises(ValueError, match="5000"):  # checked as generate checks it: an id past the vocabulary
+        llm.add_request([5000], SamplingParams())
+    assert llm.scheduler.is_finished()
+
+
+def test_eager_turns_graph_replays_off_on_every_rank_and_back(llm):
+    assert not llm.cuda_graphs  # none captured on CPU
+    prompts = random_prompts([9], seed=33)
+    reference = greedy_tokens(llm, prompts)
+    with llm.eager():
+        assert not llm.model_runner.cuda_graphs_enabled
+        assert greedy_tokens(llm, prompts) == reference
+    assert llm.model_runner.cuda_graphs_enabled

@@ -98,8 +98,9 @@ def make_qkv_case(M, head_dim, num_q_heads, num_kv_heads, dtype, K=40, seed=0):
 
 
 def in_fp64(case):
-    return {name: t.double() if torch.is_tensor(t) and t.dtype in (torch.bfloat16, torch.float16, torch.float32) and name != "cos_sin"
-            else t for name, t in case.items()}
+    floats = (torch.bfloat16, torch.float16, torch.float32)
+    return {name: t.double() if torch.is_tensor(t) and t.dtype in floats and name != "cos_sin" else t
+            for name, t in case.items()}
 
 
 @runs_kernels
@@ -162,7 +163,8 @@ def check_qkv(case, residual):
         assert_no_worse(got[stored], baseline[name].view_as(got)[stored], exact[name].view_as(got)[stored], name)
         untouched = torch.ones(got.shape[0], dtype=torch.bool, device=DEVICE)
         untouched[stored] = False
-        assert torch.equal(got[untouched], before.view_as(got)[untouched]), f"{name}: a slot not in slot_mapping changed"
+        assert torch.equal(got[untouched], before.view_as(got)[untouched]), \
+            f"{name}: a slot not in slot_mapping changed"
 
 
 def test_rmsnorm_qkv_rope_store_rejects_bad_inputs():
@@ -171,6 +173,7 @@ def test_rmsnorm_qkv_rope_store_rejects_bad_inputs():
         (dict(w_folded=case["w_folded"][:-16]), "rows"),
         (dict(w_folded=case["w_folded"][:, :-1]), "must be"),
         (dict(q_norm_weight=case["q_norm_weight"][:8]), "q_norm_weight"),
+        (dict(k_norm_weight=None), "both"),
         (dict(k_norm_weight=case["k_norm_weight"].float()), "dtype"),
         (dict(cos_sin=case["cos_sin"].half()), "cos_sin"),
         (dict(positions=case["positions"][:2]), "positions"),
@@ -198,6 +201,19 @@ def test_split_k_path_twice(M, head_dim, num_q_heads, num_kv_heads, K, with_resi
         check_qkv({**case, "path": "splitk"}, randn(M, K, dtype=dtype) if with_residual else None)
 
 
+# Llama and Mistral: no QK-norm, so q and k get the row's 1/rms as v does, then RoPE.
+NO_QK_NORM = dict(q_norm_weight=None, k_norm_weight=None, qk_eps=None)
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M,path", [(1, "splitk"), (3, "splitk"), (1, "gemv"), (3, "dot"), (17, "tiled"),
+                                    (17, "cublas"), (80, None)])
+def test_qkv_paths_without_qk_norm(M, path, dtype):
+    case = {**make_qkv_case(M, 16, 6, 2, dtype), **NO_QK_NORM, "path": path}
+    check_qkv(case, randn(M, case["x"].shape[1], dtype=dtype))
+
+
 def test_split_k_path_serves_qkv_gemv_rows_only(monkeypatch):
     assert path_for(1, None, QKV_PATHS) == "splitk" and path_for(1) == "gemv"  # the dispatch at one row
     monkeypatch.setattr(sys.modules["kernels.rmsnorm_linear"], "GEMV_MAX_M", GEMV_MAX_ROWS + 8)  # the module, not
@@ -214,17 +230,18 @@ def test_split_k_path_serves_qkv_gemv_rows_only(monkeypatch):
 
 
 @runs_kernels
-@pytest.mark.parametrize("prompt_lens", [[5, 24], [9]])
-def test_engine_with_full_fusion_runs_the_kernels_and_keeps_greedy_tokens(prompt_lens):
+@pytest.mark.parametrize("preset,prompt_lens", [("qwen3-tiny", [5, 24]), ("qwen3-tiny", [9]), ("llama-tiny", [5, 24])])
+def test_engine_with_full_fusion_runs_the_kernels_and_keeps_greedy_tokens(preset, prompt_lens):
     # The kernels (not their references) inside the engine: chunked prefill (16-token steps), decode
-    # at two rows (cuBLAS routes) and at one (split-K qkv, GEMV o_proj and down_proj).
+    # at two rows (cuBLAS routes) and at one (split-K qkv, GEMV o_proj and down_proj). Llama: the qkv
+    # kernel without QK-norm.
     from minivllm import LLM
     from tests.helpers import greedy_tokens, random_prompts, tiny_checkpoint
 
     prompts = random_prompts(prompt_lens, seed=3)
     settings = dict(device=DEVICE, max_num_batched_tokens=16, max_model_len=64, kvcache_block_size=16)
-    off = greedy_tokens(LLM(tiny_checkpoint(), fusion="off", **settings), prompts, max_tokens=3)
-    assert greedy_tokens(LLM(tiny_checkpoint(), fusion="full", **settings), prompts, max_tokens=3) == off
+    off = greedy_tokens(LLM(tiny_checkpoint(preset), fusion="off", **settings), prompts, max_tokens=3)
+    assert greedy_tokens(LLM(tiny_checkpoint(preset), fusion="full", **settings), prompts, max_tokens=3) == off
 
 
 # Every path, whatever the dispatch rule picks (see tests/test_kernels.py PATH_CASES).

@@ -38,10 +38,20 @@ def test_full_fusion_keeps_greedy_tokens_through_caching_chunking_and_preemption
     assert tight.scheduler.num_preemptions > 0
 
 
-def test_every_rung_of_the_ladder_keeps_offs_greedy_tokens():
+FAMILIES = {"qwen3": ("qwen3-tiny", {}), "llama2-tied": ("llama-tiny", dict(tie_word_embeddings=True)),
+            "llama3-rope": ("llama-tiny", dict(rope_theta=10000.0, rope_scaling=dict(
+                rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                original_max_position_embeddings=32))),
+            "mistral": ("mistral-tiny", {})}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_rung_of_the_ladder_keeps_offs_greedy_tokens(family):
     # On CPU each rung runs its ops' torch references: the wiring (which op gets which weights,
-    # residuals, positions and cache slots) is what must agree, rung by rung.
-    ckpt = tiny_checkpoint()
+    # residuals, positions and cache slots) is what must agree, rung by rung. Llama and Mistral's
+    # qkv_epilogue runs the qkv op without QK-norm.
+    preset, overrides = FAMILIES[family]
+    ckpt = tiny_checkpoint(preset, **overrides)
     prompts = random_prompts([1, 17, 40], seed=21)
     reference = greedy_tokens(LLM(ckpt, device="cpu", fusion="off"), prompts, max_tokens=12)
     for mode in FUSION_MODES:
@@ -58,3 +68,9 @@ def test_fusion_is_chosen_once_per_model():
 def test_unknown_fusion_is_rejected():
     with pytest.raises(ValueError, match="fusion"):
         LLM(tiny_checkpoint(), device="cpu", fusion="everything")
+
+
+def test_fusing_the_norms_refuses_attention_biases():
+    for mode in ("norm_linear", "full"):
+        with pytest.raises(ValueError, match=f"fusion='{mode}'.*attention_bias=True"):
+            LLM(tiny_checkpoint("llama-tiny", attention_bias=True), device="cpu", fusion=mode)

@@ -12,8 +12,9 @@ from tests.helpers import greedy_tokens, random_prompts, tiny_checkpoint
 pytestmark = pytest.mark.gpu
 
 
-def test_tiny_fp32_on_gpu_matches_cpu_reference():
-    ckpt = tiny_checkpoint()
+@pytest.mark.parametrize("preset", ["qwen3-tiny", "llama-tiny"])
+def test_tiny_fp32_on_gpu_matches_cpu_reference(preset):
+    ckpt = tiny_checkpoint(preset)  # Llama: the qkv kernel compiled without QK-norm
     prompts = random_prompts([1, 15, 17, 40, 300], seed=21)
     with LLM(ckpt, device="cpu") as reference:
         cpu = greedy_tokens(reference, prompts, max_tokens=24)
@@ -26,12 +27,22 @@ def test_tiny_fp32_on_gpu_matches_cpu_reference():
                 assert greedy_tokens(llm, prompts[3:4], max_tokens=24) == cpu_alone, (eager, fusion)
 
 
+def full_size_checkpoint(tmp_path_factory, preset: str, env: str) -> str:
+    """The preset's checkpoint: the directory named by ``env``, else made once per module."""
+    path = os.environ.get(env) or str(tmp_path_factory.mktemp("ckpt") / preset)
+    if not os.path.exists(os.path.join(path, "config.json")):
+        make_checkpoint(preset, path, device="cuda")
+    return path
+
+
 @pytest.fixture(scope="module")
 def qwen3_06b(tmp_path_factory):
-    path = os.environ.get("MINIVLLM_QWEN3_06B") or str(tmp_path_factory.mktemp("ckpt") / "qwen3-0.6b")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        make_checkpoint("qwen3-0.6b", path, device="cuda")
-    return path
+    return full_size_checkpoint(tmp_path_factory, "qwen3-0.6b", "MINIVLLM_QWEN3_06B")
+
+
+@pytest.fixture(scope="module")
+def llama_32_1b(tmp_path_factory):  # head_dim 64, tied embeddings, the llama3 RoPE, no QK-norm
+    return full_size_checkpoint(tmp_path_factory, "llama-3.2-1b", "MINIVLLM_LLAMA_32_1B")
 
 
 FORCED_TOKEN = 100
@@ -57,20 +68,22 @@ def step_logits(llm, prompts, max_tokens=1):
     return torch.cat(seen)
 
 
-def test_qwen3_06b_bf16_fusion_and_graphs_agree(qwen3_06b):
+@pytest.mark.parametrize("checkpoint", ["qwen3_06b", "llama_32_1b"])
+def test_bf16_fusion_and_graphs_agree(checkpoint, request):
     """bf16 logits of every mode (eager, CUDA graphs, each fusion) against the engine in fp32, with the
     sampled tokens forced so that all engines decode the same inputs (random weights give nearly flat
     logits, whose greedy tokens part at near ties). A fused mode may round differently from "off", but
     it must not be further from fp32 than "off" is, beyond a small share of bf16 noise."""
-    prompts = random_prompts([7, 100, 513], vocab=151936, seed=22)
+    ckpt = request.getfixturevalue(checkpoint)
     settings = dict(max_model_len=1024, max_num_seqs=16, gpu_memory_utilization=0.4)
-    with LLM(qwen3_06b, dtype="float32", **settings) as fp32:
+    with LLM(ckpt, dtype="float32", **settings) as fp32:
+        prompts = random_prompts([7, 100, 513], vocab=fp32.config.hf_config.vocab_size, seed=22)
         exact = step_logits(fp32, prompts, max_tokens=5)
     errors = {}
     modes = [("off", {}), ("off_eager", dict(enforce_eager=True))] + [(m, dict(fusion=m)) for m in FUSION_MODES
                                                                      if m != "off"]
     for name, extra in modes:
-        with LLM(qwen3_06b, **settings, **extra) as llm:
+        with LLM(ckpt, **settings, **extra) as llm:
             got = step_logits(llm, prompts, max_tokens=5)
         assert torch.isfinite(got).all(), name
         # Rows: the prefill's 3, then 4 decode steps of 3 (CUDA graph of batch 4, or eager).

@@ -11,9 +11,9 @@ from minivllm import LLM
 from tests.helpers import greedy_tokens, random_prompts, tiny_checkpoint
 
 
-def copy_ckpt(tmp_path, name="ckpt"):
+def copy_ckpt(tmp_path, name="ckpt", preset="qwen3-tiny"):
     dst = tmp_path / name
-    shutil.copytree(tiny_checkpoint(), dst)
+    shutil.copytree(tiny_checkpoint(preset), dst)
     return dst
 
 
@@ -52,8 +52,18 @@ def test_no_config_json(tmp_path):
 
 def test_unsupported_architecture(tmp_path):
     dst = copy_ckpt(tmp_path)
-    edit_config(dst, model_type="llama", architectures=["LlamaForCausalLM"])
-    with pytest.raises(ValueError, match="unsupported architecture"):
+    edit_config(dst, model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    with pytest.raises(ValueError, match=r"unsupported architecture \['GPT2LMHeadModel'\].*LlamaForCausalLM"):
+        LLM(str(dst), device="cpu")
+    edit_config(dst, model_type="gemma", architectures=None)
+    with pytest.raises(ValueError, match="unsupported architecture 'gemma'"):
+        LLM(str(dst), device="cpu")
+
+
+def test_model_type_must_match_the_architecture(tmp_path):
+    dst = copy_ckpt(tmp_path)
+    edit_config(dst, model_type="llama")
+    with pytest.raises(ValueError, match="model_type 'llama'.*'Qwen3ForCausalLM'"):
         LLM(str(dst), device="cpu")
 
 
@@ -227,6 +237,29 @@ def test_a_file_that_is_not_safetensors(tmp_path):
 ])
 def test_config_features_the_engine_does_not_implement(tmp_path, changes, message):
     dst = copy_ckpt(tmp_path)
+    edit_config(dst, **changes)
+    with pytest.raises(ValueError, match=message):
+        LLM(str(dst), device="cpu")
+
+
+LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+              original_max_position_embeddings=32, rope_theta=1e4)
+
+
+@pytest.mark.parametrize("preset,changes,message", [
+    ("mistral-tiny", dict(sliding_window=4096),
+     r"sliding_window=4096 in .*config.json: minivllm does not implement sliding-window attention"),
+    ("llama-tiny", dict(mlp_bias=True), r"mlp_bias=True in .*config.json"),
+    ("llama-tiny", dict(rope_parameters={**LLAMA3, "rope_type": "longrope"}), "unsupported RoPE scaling 'longrope'"),
+    ("llama-tiny", dict(rope_parameters={**LLAMA3, "original_max_position_embeddings": None}),
+     r"llama3 RoPE in .*config.json lacks \['original_max_position_embeddings'\]"),
+    ("llama-tiny", dict(rope_parameters={**LLAMA3, "high_freq_factor": 1.0}), "high_freq_factor > low_freq_factor"),
+    ("llama-tiny", dict(rope_parameters={**LLAMA3, "partial_rotary_factor": 0.5}), "partial_rotary_factor=0.5"),
+    ("mistral-tiny", dict(partial_rotary_factor=0.5), "partial_rotary_factor=0.5"),
+    ("mistral-tiny", dict(hidden_act="gelu"), "hidden_act 'gelu'"),
+])
+def test_llama_and_mistral_features_the_engine_does_not_implement(tmp_path, preset, changes, message):
+    dst = copy_ckpt(tmp_path, preset=preset)
     edit_config(dst, **changes)
     with pytest.raises(ValueError, match=message):
         LLM(str(dst), device="cpu")

@@ -20,7 +20,8 @@ def test_noise_depends_only_on_seed_step_and_token():
 
 def test_greedy_when_temperature_is_zero():
     logits = torch.randn(4, 30)
-    out = Sampler()(logits, torch.zeros(4), torch.full((4,), -1), torch.ones(4), torch.arange(4), torch.zeros(4, dtype=torch.long))
+    out = Sampler()(logits, torch.zeros(4), torch.full((4,), -1), torch.ones(4), torch.arange(4),
+                    torch.zeros(4, dtype=torch.long))
     assert torch.equal(out, logits.argmax(-1))
 
 
@@ -82,7 +83,8 @@ def test_a_tiny_top_p_keeps_the_top_token():
     logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0))
     top_p = torch.full((64,), 1e-50, dtype=torch.float32)
     assert top_p.max() == 0
-    out = Sampler()(logits, torch.ones(64), torch.full((64,), -1), top_p, torch.arange(64), torch.zeros(64, dtype=torch.long))
+    out = Sampler()(logits, torch.ones(64), torch.full((64,), -1), top_p, torch.arange(64),
+                    torch.zeros(64, dtype=torch.long))
     assert torch.equal(out, logits.argmax(-1))
 
 

@@ -83,6 +83,16 @@ def test_tp2_matches_tp1_with_prefix_caching_and_preemption(overrides, fusion):
     assert wait_gone(pids, seconds=0) and not multiprocessing.active_children()
 
 
+@pytest.mark.parametrize("preset,overrides", [("llama-tiny", dict(attention_bias=True)),  # o_proj's bias: rank 0 only
+                                              ("mistral-tiny", dict(tie_word_embeddings=True))])
+def test_tp2_matches_tp1_for_llama_and_mistral(preset, overrides):
+    ckpt = tiny_checkpoint(preset, **overrides)
+    with LLM(ckpt, device="cpu") as one:
+        expected = greedy_tokens(one, PROMPTS[:4])
+    with LLM(ckpt, device="cpu", tensor_parallel_size=2) as two:
+        assert greedy_tokens(two, PROMPTS[:4]) == expected
+
+
 def test_heads_that_do_not_divide_raise_before_any_rank_starts():
     ckpt = tiny_checkpoint(num_attention_heads=6, num_key_value_heads=3)
     with pytest.raises(ValueError, match=r"tensor_parallel_size=2 must divide .*heads \(6\).*KV heads \(3\)"):

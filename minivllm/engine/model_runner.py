@@ -21,7 +21,7 @@ from minivllm.layers.logits_processors import apply_penalties, ban_tokens
 from minivllm.layers.logprobs import token_logprobs
 from minivllm.layers.sampler import Sampler
 from minivllm.loader import load_model
-from minivllm.models.qwen3 import Qwen3ForCausalLM
+from minivllm.models import ARCHITECTURES
 from minivllm.sampling_params import SamplingParams
 
 
@@ -41,7 +41,7 @@ class ModelRunner:
         torch.set_default_dtype(config.torch_dtype)
         try:
             with torch.device(self.device):
-                self.model = Qwen3ForCausalLM(cfg)
+                self.model = ARCHITECTURES[cfg.architecture].model_class(cfg)
         finally:
             torch.set_default_dtype(default_dtype)
         load_model(self.model, config.model)
@@ -49,6 +49,8 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_cache = None
         self.graphs = {}
+        self.cuda_graphs_enabled = True  # LLM.eager() turns replays off for a while
+        self.logits_log = None  # a list while LLM.record_logits() records: each step's logits to sample
         if config.num_kvcache_blocks is None:
             # Every rank holds the same block ids: the smallest budget decides.
             config.num_kvcache_blocks = distributed.min_over_ranks(self.kv_budget() // self.kv_bytes_per_block(),
@@ -60,19 +62,15 @@ class ModelRunner:
 
     # ---- KV cache -------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
-        attn = self.model.model.layers[0].self_attn
-        return (2 * len(self.model.model.layers) * self.block_size * attn.num_kv_heads * attn.head_dim
-                * self.config.torch_dtype.itemsize)
+        layers, kv_heads, head_dim = self.model.kv_cache_layout()
+        return 2 * layers * self.block_size * kv_heads * head_dim * self.config.torch_dtype.itemsize
 
     def allocate_kv_cache(self, num_blocks: int):
-        attn = self.model.model.layers[0].self_attn
+        layers, kv_heads, head_dim = self.model.kv_cache_layout()
         self.kv_cache = None  # free the old cache before allocating the new one
-        self.kv_cache = torch.empty(2, len(self.model.model.layers), num_blocks, self.block_size,
-                                    attn.num_kv_heads, attn.head_dim, dtype=self.config.torch_dtype,
-                                    device=self.device)
-        for i, layer in enumerate(self.model.model.layers):
-            layer.self_attn.attn.k_cache = self.kv_cache[0, i]
-            layer.self_attn.attn.v_cache = self.kv_cache[1, i]
+        self.kv_cache = torch.empty(2, layers, num_blocks, self.block_size, kv_heads, head_dim,
+                                    dtype=self.config.torch_dtype, device=self.device)
+        self.model.bind_kv_cache(self.kv_cache[0], self.kv_cache[1])
 
     def kv_budget(self) -> int:
         """Bytes for this rank's KV cache: cpu_kvcache_space_gb on CPU; on GPU what
@@ -141,8 +139,8 @@ class ModelRunner:
         self.graphs = {}
         self.graph_outputs = {}
         self.kv_cache = None
-        for layer in self.model.model.layers:  # their views would keep the cache alive
-            layer.self_attn.attn.k_cache = layer.self_attn.attn.v_cache = None
+        layers = self.model.kv_cache_layout()[0]
+        self.model.bind_kv_cache([None] * layers, [None] * layers)  # their views would keep the cache alive
         if self.device.type == "cuda":  # no kernel may still use the communicators when the group goes
             torch.cuda.synchronize()
 
@@ -184,7 +182,7 @@ class ModelRunner:
         None elsewhere). A decode step replays a CUDA graph that holds the whole model and the
         lm_head, so only the sampler runs outside it."""
         batch = len(ctx["seqlens_k"])
-        graph_bs = next((bs for bs in self.graphs if bs >= batch), None)
+        graph_bs = next((bs for bs in self.graphs if bs >= batch), None) if self.cuda_graphs_enabled else None
         if ctx["is_prefill"] or graph_bs is None or logit_rows is not None:
             set_context(**ctx)
             try:
@@ -244,6 +242,8 @@ class ModelRunner:
         raw = logits[asks] if asks else None  # a copy: logprobs come from the unprocessed logits
         if rows:
             self.process_logits(logits, rows, seqs)
+        if self.logits_log is not None:
+            self.logits_log.append(logits.clone())
         tokens = self.sampler(logits, *self.sampling_inputs(seqs)).tolist()
         tokens = [t if d else None for t, d in zip(tokens, done)]
         if not asks:
@@ -286,6 +286,10 @@ class ModelRunner:
         return [[next(entries) for _ in span] if span else None for span in spans]
 
     # ---- CUDA graphs ----------------------------------------------------------------
+    def set_cuda_graphs(self, enabled: bool):
+        """Every rank's call: decode steps replay the captured graphs (True) or run eagerly."""
+        self.cuda_graphs_enabled = enabled
+
     @torch.inference_mode()
     def capture_cudagraphs(self):
         """One graph per decode batch size: a replay launches the whole forward at once."""
@@ -307,7 +311,8 @@ class ModelRunner:
             self.model.compute_logits(*self.model(g["input_ids"][:bs], g["positions"][:bs]))  # autotune first
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool):
-                self.graph_outputs[bs] = self.model.compute_logits(*self.model(g["input_ids"][:bs], g["positions"][:bs]))
+                self.graph_outputs[bs] = self.model.compute_logits(*self.model(g["input_ids"][:bs],
+                                                                               g["positions"][:bs]))
             pool = pool or graph.pool()
             self.graphs[bs] = graph
             torch.cuda.synchronize()

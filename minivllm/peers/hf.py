@@ -24,7 +24,7 @@ batches 1,8 about 50 s, mostly compiling.
 """
 import torch
 import transformers
-from transformers import CompileConfig, Qwen3ForCausalLM
+from transformers import AutoModelForCausalLM, CompileConfig
 
 from minivllm.peers.protocol import (LATENCY_BATCHES, base_parser, check_vocab, emit, finish_args, latency_rows,
                                      ttft_rows)
@@ -78,7 +78,8 @@ class HFEngine:
 
 
 def load_model(path: str, device: torch.device):
-    return Qwen3ForCausalLM.from_pretrained(path, dtype="auto").to(device).eval()
+    # The class of config.json's architecture (Qwen3, Llama, Mistral): transformers' own code, never remote code.
+    return AutoModelForCausalLM.from_pretrained(path, dtype="auto", trust_remote_code=False).to(device).eval()
 
 
 def base_row(args, model) -> dict:

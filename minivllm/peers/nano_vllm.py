@@ -158,6 +158,8 @@ def main(argv=None):
     args = parse_args(argv)
     commit = read_commit(args.nano_vllm)
     config = AutoConfig.from_pretrained(args.model)
+    if config.model_type != "qwen3":  # its runner builds a Qwen3ForCausalLM whatever the checkpoint
+        raise SystemExit(f"nano-vLLM runs Qwen3 only, and {args.model} is a {config.model_type!r} checkpoint")
     check_vocab(args, config.vocab_size)
     if config.dtype not in (torch.bfloat16, torch.float16):
         # Its RMSNorm normalises x.float() in place, which for an fp32 model is x itself (the residual too).

@@ -1,0 +1,60 @@
+"""The checkpoint presets: each one's config reads back through the engine as its family, and the
+kernel benchmarks' shapes (kernels/shapes.py) are the presets' shapes."""
+import pytest
+
+from kernels.shapes import ALL_MODELS
+from minivllm.book import model_config
+from minivllm.make_checkpoint import PRESETS, make_checkpoint, weight_shapes
+
+
+@pytest.mark.parametrize("model", ALL_MODELS, ids=lambda m: m.preset)
+def test_kernel_shapes_are_the_presets(model):
+    cfg = model_config(model.preset)
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size,
+            cfg.vocab_size, cfg.qk_norm) == (model.hidden, model.num_q_heads, model.num_kv_heads, model.head_dim,
+                                             model.intermediate, model.vocab, model.qk_norm)
+
+
+def test_every_full_size_preset_has_kernel_shapes():
+    assert {p for p in PRESETS if not p.endswith("-tiny")} == {m.preset for m in ALL_MODELS}
+
+
+@pytest.mark.parametrize("preset,architecture,qk_norm,tied,llama3_factor", [
+    ("llama-3.2-1b", "LlamaForCausalLM", False, True, 32.0),
+    ("llama-3.1-8b", "LlamaForCausalLM", False, False, 8.0),
+    ("llama-2-7b", "LlamaForCausalLM", False, False, None),
+    ("mistral-7b", "MistralForCausalLM", False, False, None),
+    ("qwen3-0.6b", "Qwen3ForCausalLM", True, True, None),
+])
+def test_presets_read_back_as_their_family(preset, architecture, qk_norm, tied, llama3_factor):
+    cfg = model_config(preset)
+    assert (cfg.architecture, cfg.qk_norm, cfg.tie_word_embeddings) == (architecture, qk_norm, tied)
+    assert (cfg.rope_scaling or {}).get("factor") == llama3_factor
+
+
+def test_llama_checkpoint_has_no_qk_norm_tensors(tmp_path):
+    out = make_checkpoint("llama-tiny", str(tmp_path / "llama"), attention_bias=True)
+    names = set(weight_shapes(model_config("llama-tiny", attention_bias=True)))
+    assert not any("q_norm" in n or "k_norm" in n for n in names)
+    assert {"model.layers.0.self_attn.q_proj.bias", "model.layers.0.self_attn.o_proj.bias"} <= names
+    from safetensors import safe_open
+    with safe_open(f"{out}/model.safetensors", "pt") as f:
+        assert set(f.keys()) == names
+
+
+def test_kernel_bench_refuses_unknown_models():
+    from kernels import bench
+    with pytest.raises(SystemExit):
+        bench.main(["--models", "qwen3-0.6b,gpt-5"])
+
+
+@pytest.mark.parametrize("preset,overrides", [("qwen3-tiny", {}), ("qwen3-tiny", dict(tie_word_embeddings=True)),
+                                              ("llama-tiny", dict(attention_bias=True)), ("mistral-tiny", {})])
+def test_cost_models_weight_bytes_are_the_engines_parameters(preset, overrides):
+    from minivllm import LLM
+    from minivllm.costs import weight_bytes
+    from tests.helpers import tiny_checkpoint
+
+    llm = LLM(tiny_checkpoint(preset, **overrides), device="cpu")
+    params = llm.model_runner.model.parameters()  # a tied lm_head once
+    assert weight_bytes(llm.config.hf_config, 4) == sum(p.numel() * p.element_size() for p in params)
