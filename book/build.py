@@ -88,7 +88,7 @@ def output_problems(path: Path) -> list[str]:
                 text = "".join(text) if isinstance(text, list) else str(text)
                 m = BAD_OUTPUT.search(text)
                 if m:
-                    line = next(l for l in text.splitlines() if m.group(0) in l)
+                    line = next(row for row in text.splitlines() if m.group(0) in row)
                     problems.append(f"cell {i} prints {line.strip()[:160]!r}")
                     break
     return problems

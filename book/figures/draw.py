@@ -127,7 +127,8 @@ def prefix_cache_hash_chain():
         hit = i < 3
         full = i < 4
         box(ax, 0.2 + i * 2.95, y_b, 2.5, 0.9, t, fc=SEQ_COLORS[0] if hit else (SEQ_COLORS[1] if full else "white"),
-            color="white" if full else SEQ_COLORS[1], ec=SEQ_COLORS[0] if hit else SEQ_COLORS[1], rounded=True, fontsize=8.5)
+            color="white" if full else SEQ_COLORS[1], ec=SEQ_COLORS[0] if hit else SEQ_COLORS[1], rounded=True,
+            fontsize=8.5)
         label = "hit: shared\nref_count 2" if hit else ("miss:\ncomputed" if full else "partial")
         ax.text(0.2 + i * 2.95 + 1.25, y_b - 0.25, label, ha="center", va="top", fontsize=7.5,
                 color="#333333" if hit else "#666666")
@@ -162,9 +163,12 @@ def fused_kernel_dataflow():
         fc="white", fontsize=8, rounded=True)
     box(ax, 6.0, 1.2, 5.4, 1.6, "kernel 2 (cuBLAS): y = normed · Wᵀ\nfp32 accumulator per tile", fc="white",
         fontsize=8, rounded=True)
-    arrow(ax, (1.3, 7.3), (1.6, 5.0)); arrow(ax, (2.7, 7.3), (2.6, 5.0))
-    arrow(ax, (4.0, 5.0), (4.9, 7.3), color="#C0392B"); arrow(ax, (4.6, 5.0), (6.5, 7.3), color="#C0392B", lw=2)
-    arrow(ax, (6.6, 7.3), (7.5, 2.8), color="#C0392B", lw=2); arrow(ax, (8.7, 7.3), (9.0, 2.8))
+    arrow(ax, (1.3, 7.3), (1.6, 5.0))
+    arrow(ax, (2.7, 7.3), (2.6, 5.0))
+    arrow(ax, (4.0, 5.0), (4.9, 7.3), color="#C0392B")
+    arrow(ax, (4.6, 5.0), (6.5, 7.3), color="#C0392B", lw=2)
+    arrow(ax, (6.6, 7.3), (7.5, 2.8), color="#C0392B", lw=2)
+    arrow(ax, (8.7, 7.3), (9.0, 2.8))
     arrow(ax, (10.3, 2.8), (10.9, 7.3))
     ax.text(6, 0.6, "red: the normalised copy is written to HBM and read back (2·M·K elements more), plus one launch",
             ha="center", fontsize=7.5, color="#C0392B")
@@ -177,16 +181,19 @@ def fused_kernel_dataflow():
     box(ax, 4.8, 3.6, 3.6, 1.5, "acc += h · W'ᵀ\n(fp32, tl.dot or GEMV)", fc="white", fontsize=8, rounded=True)
     box(ax, 8.6, 1.0, 3.0, 1.8, "epilogue:\nr = rsqrt(ss/K + eps)\ny = r · acc", fc="white", fontsize=8,
         rounded=True)
-    arrow(ax, (1.3, 7.3), (1.6, 5.1)); arrow(ax, (2.7, 7.3), (2.6, 5.1))
+    arrow(ax, (1.3, 7.3), (1.6, 5.1))
+    arrow(ax, (2.7, 7.3), (2.6, 5.1))
     arrow(ax, (4.2, 4.35), (4.8, 4.35), color="#2F5F8A", lw=1.6)
     arrow(ax, (3.4, 5.1), (5.3, 7.3), color="#555555")
     ax.text(3.0, 6.1, "first column\nblock only", fontsize=7, color="#555555")
-    arrow(ax, (8.3, 7.3), (7.4, 5.1)); arrow(ax, (7.5, 3.6), (9.0, 2.8), color="#2F5F8A", lw=1.6)
+    arrow(ax, (8.3, 7.3), (7.4, 5.1))
+    arrow(ax, (7.5, 3.6), (9.0, 2.8), color="#2F5F8A", lw=1.6)
     arrow(ax, (2.4, 3.6), (8.6, 2.0), color="#2F5F8A", lw=1.6, rad=0.25)
     arrow(ax, (10.6, 2.8), (10.9, 7.3))
     ax.text(6, 0.6, "blue: stays on chip (h tile, Σh², accumulator, r); HBM sees W', x, residual once, h and y once",
             ha="center", fontsize=7.5, color="#2F5F8A")
-    fig.text(0.5, 0.01, "Diagram of kernels/rmsnorm_linear.py, no measurement.", ha="center", fontsize=8, color="#666666")
+    fig.text(0.5, 0.01, "Diagram of kernels/rmsnorm_linear.py, no measurement.", ha="center", fontsize=8,
+             color="#666666")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     save(fig, "fused_kernel_dataflow.svg")
 
