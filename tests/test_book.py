@@ -13,8 +13,11 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
-def test_there_are_ten_chapters():
-    assert [p.stem[:2] for p in NOTEBOOKS] == [f"{i:02d}" for i in range(1, 11)]
+def test_chapters_are_numbered_in_order_and_all_in_the_toc():
+    # ten chapters from the architecture to the benchmarks, then the findings
+    assert [p.stem[:2] for p in NOTEBOOKS] == [f"{i:02d}" for i in range(1, 12)]
+    toc = (ROOT / "_toc.yml").read_text()
+    assert all(f"book/{p.stem}\n" in toc for p in NOTEBOOKS), "every chapter is in _toc.yml"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
