@@ -58,6 +58,7 @@ class ModelConfig:
     attention_bias: bool
     torch_dtype: torch.dtype
     eos_token_ids: list[int] = field(default_factory=list)
+    # Qwen3's, for a ModelConfig built by hand from a Qwen3 preset (chapter 6); from_dir sets them for every family.
     architecture: str = "Qwen3ForCausalLM"
     qk_norm: bool = True
     rope_scaling: dict | None = None
