@@ -57,10 +57,11 @@ class ModelConfig:
     tie_word_embeddings: bool
     attention_bias: bool
     torch_dtype: torch.dtype
-    architecture: str
-    qk_norm: bool
-    rope_scaling: dict | None
     eos_token_ids: list[int] = field(default_factory=list)
+    # Qwen3's, for a ModelConfig built by hand from a Qwen3 preset (chapter 6); from_dir sets them for every family.
+    architecture: str = "Qwen3ForCausalLM"
+    qk_norm: bool = True
+    rope_scaling: dict | None = None
 
     @classmethod
     def from_dir(cls, model_dir: str) -> "ModelConfig":
