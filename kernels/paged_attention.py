@@ -20,7 +20,7 @@ import functools
 
 import torch
 
-from kernels.rmsnorm import check_tensors, tl, triton, use_triton
+from kernels.guard import check_tensors, tl, triton, use_triton
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 

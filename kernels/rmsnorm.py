@@ -10,62 +10,12 @@
 model dtype (HF adds in the model dtype), writes ``h`` into ``residual`` in place, and
 returns ``(rmsnorm(h), residual)``: the returned ``h`` IS the residual tensor.
 
-This module also holds the Triton import guard and the dispatch rule shared by every
-kernel in the package: CUDA tensors run Triton; CPU tensors run Triton's interpreter when
-``TRITON_INTERPRET=1`` was set before this package was imported, else the torch reference.
+The Triton import guard, the dispatch rule and the input checks shared by every kernel module
+live in ``kernels/guard.py``.
 """
-import os
-import types
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAVE_TRITON = True
-except ImportError:
-    # Torch-only installs (e.g. the book build) still import the package for its
-    # references. The stand-ins let the decorators run; the kernels are never launched.
-    def _passthrough(*args, **kwargs):
-        if len(args) == 1 and callable(args[0]) and not kwargs:
-            return args[0]
-        return _passthrough
-
-    triton = types.SimpleNamespace(jit=_passthrough, autotune=_passthrough, Config=_passthrough)
-    tl = types.SimpleNamespace(constexpr=None)
-    HAVE_TRITON = False
-
-# Triton reads TRITON_INTERPRET when a kernel is decorated, so read it once here too:
-# the dispatch below then always agrees with how the kernels were built.
-INTERPRET = HAVE_TRITON and os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def use_triton(t: torch.Tensor) -> bool:
-    """Whether a kernel call on ``t`` runs Triton (True) or the torch reference (False)."""
-    if t.is_cuda:
-        if not HAVE_TRITON:
-            raise RuntimeError("kernels: CUDA tensors need Triton, which is not installed")
-        return True
-    return INTERPRET
-
-
-def check_tensors(op: str, **tensors: torch.Tensor) -> None:
-    """ValueError unless all tensors share one supported dtype and one device, and each is
-    contiguous in its last dim."""
-    first_name, first = next(iter(tensors.items()))
-    if first.dtype not in DTYPES:
-        raise ValueError(f"{op}: {first_name} has dtype {first.dtype}; expected one of {DTYPES}")
-    for name, t in tensors.items():
-        if t.dtype != first.dtype:
-            raise ValueError(f"{op}: {name} has dtype {t.dtype} but {first_name} has {first.dtype}")
-        if t.device != first.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}")
-        if t.dim() > 0 and t.stride(-1) != 1:
-            raise ValueError(f"{op}: {name} must be contiguous in its last dim (stride {t.stride(-1)})")
-
+from kernels.guard import check_tensors, tl, triton, use_triton
 
 @triton.jit
 def _rmsnorm_kernel(

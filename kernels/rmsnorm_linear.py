@@ -37,7 +37,8 @@ up before CUDA-graph capture.
 """
 import torch
 
-from kernels.rmsnorm import INTERPRET, check_tensors, launch_rows, tl, triton, use_triton
+from kernels.guard import INTERPRET, check_tensors, tl, triton, use_triton
+from kernels.rmsnorm import launch_rows
 from kernels.silu_mul import silu_mul as silu_mul_kernel
 
 SMALL_M = 64  # largest M the tl.dot decode configs serve (one row block)

@@ -32,7 +32,8 @@ must be ordered on one stream, and the first call (autotuning) must come before 
 import torch
 
 from kernels.paged_attention import INDEX_DTYPES, _check_cache, store_kvcache_ref
-from kernels.rmsnorm import INTERPRET, check_tensors, rmsnorm_ref, tl, triton, use_triton
+from kernels.guard import INTERPRET, check_tensors, tl, triton, use_triton
+from kernels.rmsnorm import rmsnorm_ref
 from kernels.rope import rope_ref
 from kernels.rmsnorm_linear import (GEMV_MAX_ROWS, PATHS, _configs, _m_bucket, _norm_matmul, _tile_ids, norm_rows,
                                      path_for, precision, rmsnorm_linear_ref, select_kernel)

@@ -9,7 +9,7 @@ cos then sin for every position (``minivllm.layers.rotary.RotaryEmbedding``).
 import torch
 
 from kernels.paged_attention import INDEX_DTYPES
-from kernels.rmsnorm import check_tensors, tl, triton, use_triton
+from kernels.guard import check_tensors, tl, triton, use_triton
 
 
 @triton.jit

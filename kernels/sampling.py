@@ -10,7 +10,7 @@ tokens. Rows with ``T_b = 0`` are greedy: the argmax of their logits, with no no
 """
 import torch
 
-from kernels.rmsnorm import check_tensors, tl, triton, use_triton
+from kernels.guard import check_tensors, tl, triton, use_triton
 
 BLOCK_V = 2048
 MIN_TEMPERATURE = 1e-5  # as the reference clamps it

@@ -8,7 +8,7 @@ rounded again.
 import torch
 import torch.nn.functional as F
 
-from kernels.rmsnorm import check_tensors, tl, triton, use_triton
+from kernels.guard import check_tensors, tl, triton, use_triton
 
 BLOCK = 1024
 

@@ -37,7 +37,7 @@ def kernel_test_setup(test_file: str):
     (on the GPU, or under the interpreter), the ``runs_kernels`` skip mark (without it a CPU run
     would compare the torch reference with itself), and the test that reruns the module in a
     fresh interpreter process when they do not."""
-    from kernels.rmsnorm import HAVE_TRITON, use_triton
+    from kernels.guard import HAVE_TRITON, use_triton
     on_triton = use_triton(torch.empty(0, device=DEVICE))
     runs_kernels = pytest.mark.skipif(not on_triton, reason="kernels would run their torch references here; "
                                                             "test_cpu_kernels_in_fresh_process runs this test")

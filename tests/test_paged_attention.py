@@ -17,7 +17,7 @@ from kernels.paged_attention import (  # noqa: E402
     store_kvcache,
     store_kvcache_ref,
 )
-from kernels.rmsnorm import use_triton  # noqa: E402
+from kernels.guard import use_triton  # noqa: E402
 
 INTERPRETED = use_triton(torch.empty(0))
 cpu = pytest.mark.skipif(not INTERPRETED, reason="triton was imported before TRITON_INTERPRET=1 could be set; "

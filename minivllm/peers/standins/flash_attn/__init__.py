@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.paged_attention import MAX_BLOCK_N, paged_attention
-from kernels.rmsnorm import use_triton
+from kernels.guard import use_triton
 
 VIEW_BLOCK = MAX_BLOCK_N  # tokens per block of the view of contiguous K/V: one key tile
 
