@@ -44,6 +44,7 @@ import triton
 from triton.runtime.errors import OutOfResources
 from triton.testing import do_bench, do_bench_cudagraph
 
+from kernels.guard import autotuned_configs
 from kernels.paged_attention import store_kvcache
 from kernels.rmsnorm import rmsnorm, rmsnorm_ref
 from kernels.rmsnorm_qkv import QKV_PATHS, kernel_for as qkv_kernel_for, rmsnorm_qkv_rope_store
@@ -376,7 +377,8 @@ def main(argv=None):
 
     def save():  # after every model too, so that a run cut short still leaves its rows
         write_result("kernels" + args.tag, rows, args.out, "python -m kernels.bench", argv, ceilings=CEILINGS,
-                     dispatch={"GEMV_MAX_M": rl.GEMV_MAX_M, "CUBLAS_MIN_M": rl.CUBLAS_MIN_M, "SMALL_M": rl.SMALL_M})
+                     dispatch={"GEMV_MAX_M": rl.GEMV_MAX_M, "CUBLAS_MIN_M": rl.CUBLAS_MIN_M, "SMALL_M": rl.SMALL_M},
+                     autotuned=autotuned_configs())
     ms = args.ms if args.ms is not None else (QUICK_MS if args.quick else MS)
     for model in models:
         for op, bench in [(op, bench_op) for op in ops(model)] + [(op, bench_linear) for op in linear_ops(model)]:

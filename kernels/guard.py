@@ -55,3 +55,17 @@ def check_tensors(op: str, **tensors: torch.Tensor) -> None:
             raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}")
         if t.dim() > 0 and t.stride(-1) != 1:
             raise ValueError(f"{op}: {name} must be contiguous in its last dim (stride {t.stride(-1)})")
+
+
+def autotuned_configs(modules=None) -> dict:
+    """The configurations this process's autotuners chose, ``{module.kernel: {key: config}}``, for the
+    result files: runs that autotune again may pick differently, and the rows should say what ran."""
+    import sys
+    if not HAVE_TRITON:
+        return {}
+    from triton.runtime.autotuner import Autotuner
+    if modules is None:
+        modules = [m for name, m in sys.modules.items() if name.startswith("kernels.") and m is not None]
+    return {f"{module.__name__}.{name}": {str(key): str(config) for key, config in obj.cache.items()}
+            for module in modules for name, obj in vars(module).items()
+            if isinstance(obj, Autotuner) and obj.cache}

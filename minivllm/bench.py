@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from kernels.guard import autotuned_configs
 from minivllm import LLM, SamplingParams, workloads
 from minivllm.config import FUSION_MODES
 from minivllm.costs import decode_floor_ms, measure_ceilings, throughput_floor_s
@@ -211,12 +212,12 @@ def main(argv=None):
         rows.append(row)
         print(row, flush=True)
         write_result(name + args.tag, rows, args.out, "python -m minivllm.bench", argv, ceilings=ceilings,
-                     failed_peers=failed)
+                     failed_peers=failed, autotuned=autotuned_configs())
 
     fn(args, ceilings, emit)
     failed.update(peer_rows(args, emit))
     write_result(name + args.tag, rows, args.out, "python -m minivllm.bench", argv, ceilings=ceilings,
-                 failed_peers=failed)
+                 failed_peers=failed, autotuned=autotuned_configs())
 
 
 if __name__ == "__main__":

@@ -323,3 +323,26 @@ def test_rmsnorm_linear_rejects_impossible_paths():
     for path in ("gemv", "bogus"):
         with pytest.raises(ValueError, match="path"):
             rmsnorm_linear(x, w, path=path) if ON_TRITON else path_for(9, path)
+
+
+def test_autotuned_configs_name_each_kernels_choices():
+    # What the result files record: every autotuner's cache, by module and kernel name.
+    import types
+
+    import triton
+
+    from kernels.guard import autotuned_configs
+
+    @triton.jit
+    def _kernel(X, N):
+        pass
+
+    configs = [triton.Config({"BLOCK": 16}, num_warps=2), triton.Config({"BLOCK": 64}, num_warps=4)]
+    tuned = triton.autotune(configs=configs, key=["N"])(_kernel)
+    untouched = triton.autotune(configs=configs, key=["N"])(_kernel)
+    tuned.cache[(1024,)] = configs[1]  # as a run would have chosen
+    module = types.SimpleNamespace(__name__="kernels.example", tuned=tuned, untouched=untouched, other=3)
+    got = autotuned_configs([module])
+    assert list(got) == ["kernels.example.tuned"]  # autotuners that chose nothing are left out
+    (key, config), = got["kernels.example.tuned"].items()
+    assert key == "(1024,)" and "BLOCK: 64" in config and "num_warps: 4" in config
