@@ -230,13 +230,6 @@ class LLM:
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(64)
         return [Sequence(ids, params, sample_seed(seed, i), index=i) for i in range(params.n)]
 
-    def _make_sequence(self, prompt, params: SamplingParams) -> tuple[str | None, Sequence]:
-        """A one-sample request, not yet queued (chapter 2; ``add_request`` is the public way)."""
-        if params.n != 1:
-            raise ValueError(f"_make_sequence makes one sample, got n={params.n}")
-        text, ids = self._check_request(prompt, params)
-        return text, self._make_samples(ids, params)[0]
-
     def _check_running(self):
         if self.watchdog is not None and self.watchdog.failure:  # it stopped the workers while we idled
             self._tensor_parallel_failed(None)
