@@ -146,9 +146,8 @@ def peer_rows(args, emit) -> dict:
                                          "--batches", ",".join(map(str, args.batches)),
                                          "--gen-tokens", str(args.gen_tokens)]
         else:
-            module, argv = "hf", ["--mode", "compiled" if peer == "hf_compiled" else "eager"]
-            if args.benchmark == "throughput":
-                continue  # generate has no continuous batching: workload 1 is not its benchmark
+            module, argv = "hf", ["--mode", "compiled" if peer == "hf_compiled" else "eager",
+                                  "--num-seqs", str(args.num_seqs)]
         gc.collect()
         torch.cuda.empty_cache()
         try:

@@ -45,6 +45,23 @@ def test_hf_compiled_greedy_tokens_are_minivllms(minivllm_greedy):
     assert model._compiled_call is not None  # generate did compile its forward
 
 
+def test_hf_throughput_left_pads_and_credits_each_request_its_own_tokens():
+    # Prompts of three lengths in one padded call: at a vanishing temperature each request's tokens are its
+    # greedy tokens alone (minivllm's), so the padding changes nothing; each keeps its own max_tokens.
+    from minivllm.workloads import Request
+    prompts = random_prompts([20, 9, 14], seed=7)
+    lengths = [6, 3, 5]
+    with LLM(tiny_checkpoint(), device="cpu") as llm:
+        expected = [greedy_tokens(llm, [p], max_tokens=n)[0] for p, n in zip(prompts, lengths)]
+    model = hf_peer.load_model(tiny_checkpoint(), torch.device("cpu"))
+    engine = hf_peer.HFEngine(model, "eager")
+    requests = [Request(p, n, temperature=1e-6) for p, n in zip(prompts, lengths)]
+    assert engine.request_tokens(requests) == expected
+    assert engine.generate_requests(requests) == lengths
+    with pytest.raises(ValueError, match="one temperature"):
+        engine.generate_requests([Request(prompts[0], 2, 0.6), Request(prompts[1], 2, 1.0)])
+
+
 def test_hf_runner_rows_through_run_peer():
     ckpt = tiny_checkpoint(vocab_size=10240)  # the workloads' random ids are below 10,001
     rows = run_peer("hf", ["--model", ckpt, "--workload", "latency", "--mode", "eager", "--batches", "1,2",

@@ -315,7 +315,7 @@ class FakeEngine:
         self.now += self.call_s + self.token_s * sum(r.max_tokens for r in requests)
         return [r.max_tokens for r in requests]
 
-    def warm_up(self):
+    def warm_up(self, requests):
         self.calls.append("warm_up")
 
     def kv_cache_mb(self):

@@ -1,5 +1,5 @@
-"""HF transformers ``generate`` beside minivllm, on the decode-latency and ttft workloads, timed as minivllm.bench
-times minivllm (minivllm.peers.protocol) on the same prompts (minivllm.workloads).
+"""HF transformers ``generate`` beside minivllm, on the throughput, decode-latency and ttft workloads, timed as
+minivllm.bench times minivllm (minivllm.peers.protocol) on the same prompts (minivllm.workloads).
 
     python -m minivllm.peers.hf --model checkpoints/qwen3-0.6b --workload latency --mode eager --rows-out rows.json
     python -m minivllm.peers.hf --model checkpoints/qwen3-0.6b --workload latency --mode compiled --rows-out rows.json
@@ -10,8 +10,12 @@ the model's forward for the decode steps itself (``torch.compile`` with CompileC
 "reduce-overhead", i.e. CUDA graphs). Each new batch shape compiles for tens of seconds in its first call, which
 the untimed warm-up absorbs; the row keeps that call's extra time as ``compile_s``.
 
-Both are greedy, in the checkpoint's dtype (bf16 for qwen3-0.6b), and never stop at EOS: ``min_new_tokens`` equal
-to ``max_new_tokens`` (HF's way to ignore EOS: the EOS logit is masked until then).
+Throughput (workload 1) is one ``generate`` call over all requests, left-padded: ``generate`` has no continuous
+batching and one output length per call, so every request decodes for the longest ``max_tokens`` and only its
+own count is credited, the waste a server without continuous batching pays.
+
+Latency and ttft are greedy; all run in the checkpoint's dtype (bf16 for qwen3-0.6b), and never stop at EOS:
+``min_new_tokens`` equal to ``max_new_tokens`` (HF's way to ignore EOS: the EOS logit is masked until then).
 
 Each configuration's first call is a full-length run, untimed, and its 5 timed samples stay in the row with
 their spread: the previous edition's single sample per batch after a 2-token warm-up (minivllm.bench's ``hf``)
@@ -26,8 +30,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, CompileConfig
 
-from minivllm.peers.protocol import (LATENCY_BATCHES, base_parser, check_vocab, emit, finish_args, latency_rows,
-                                     ttft_rows)
+from minivllm.peers.protocol import LATENCY_BATCHES, base_parser, check_vocab, emit, finish_args, workload_rows
 
 PEER = "huggingface/transformers"
 ENGINES = {"eager": "hf_transformers", "compiled": "hf_transformers_compiled"}
@@ -35,7 +38,8 @@ COMPILED_BATCHES = [1, 8]  # every batch size is a new shape to compile
 
 
 def parse_args(argv=None):
-    parser = base_parser(__doc__.split("\n\n")[0], ["latency", "ttft"], gen_tokens=16)
+    parser = base_parser(__doc__.split("\n\n")[0], ["throughput", "latency", "ttft"], gen_tokens=16)
+    parser.add_argument("--num-seqs", type=int, default=256, help="throughput: requests")
     parser.add_argument("--mode", required=True, choices=sorted(ENGINES))
     parser.set_defaults(batches=None)
     args = finish_args(parser, parser.parse_args(argv))
@@ -76,6 +80,39 @@ class HFEngine:
     def generate(self, prompts, max_tokens):
         return [len(t) for t in self.tokens(prompts, max_tokens)]
 
+    def request_tokens(self, requests) -> list[list[int]]:
+        """Workload 1 as ``generate`` can serve it: one call over every request, prompts left-padded to the
+        longest, every row generating the longest request's ``max_tokens`` (a batch has one length); each
+        request keeps its own ``max_tokens`` of them."""
+        temperature = {r.temperature for r in requests}
+        if len(temperature) != 1:
+            raise ValueError(f"one generate call samples at one temperature, the requests ask {sorted(temperature)}")
+        longest = max(len(r.prompt_token_ids) for r in requests)
+        ids = torch.full((len(requests), longest), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(requests):
+            ids[i, longest - len(r.prompt_token_ids):] = torch.tensor(r.prompt_token_ids)
+            mask[i, longest - len(r.prompt_token_ids):] = 1
+        steps = max(r.max_tokens for r in requests)
+        out = self.model.generate(ids.to(self.model.device), attention_mask=mask.to(self.model.device),
+                                  do_sample=True, temperature=temperature.pop(), top_k=0, top_p=1.0,
+                                  max_new_tokens=steps, min_new_tokens=steps, pad_token_id=self.pad_token_id,
+                                  **self.kwargs)
+        return [t[:r.max_tokens] for t, r in zip(out[:, longest:].tolist(), requests)]
+
+    def generate_requests(self, requests) -> list[int]:
+        return [len(t) for t in self.request_tokens(requests)]
+
+    def warm_up(self, requests):
+        """Compiled: the workload itself, once (its batch shape compiles in the first call); eager: a short call."""
+        if self.kwargs:
+            self.generate_requests(requests)
+        else:
+            self.generate([requests[0].prompt_token_ids[:16]], 2)
+
+    def kv_cache_mb(self) -> None:
+        return None  # generate's cache lives inside the call
+
 
 def load_model(path: str, device: torch.device):
     # The class of config.json's architecture (Qwen3, Llama, Mistral): transformers' own code, never remote code.
@@ -84,8 +121,10 @@ def load_model(path: str, device: torch.device):
 
 def base_row(args, model) -> dict:
     compiled = args.mode == "compiled"
+    sampling = ("all requests in one call, left-padded, each generating the longest max_tokens and credited with "
+                "its own, temperature 0.6" if args.workload == "throughput" else "greedy")
     notes = (f"transformers {transformers.__version__} generate, {model.config._attn_implementation} attention, "
-             f"{model.dtype}, greedy, min_new_tokens = max_new_tokens; "
+             f"{model.dtype}, {sampling}, min_new_tokens = max_new_tokens; "
              + ("cache_implementation='static': generate's own torch.compile of the decode forward (CompileConfig "
                 "defaults, mode reduce-overhead); compile_s is the first call's extra time, outside the samples"
                 if compiled else "as is (DynamicCache)"))
@@ -107,8 +146,7 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, device)
     check_vocab(args, model.config.vocab_size)
-    rows = (latency_rows if args.workload == "latency" else ttft_rows)(HFEngine(model, args.mode), args,
-                                                                       base_row(args, model))
+    rows = workload_rows(HFEngine(model, args.mode), args, base_row(args, model))
     emit(with_compile_time(rows, model) if args.mode == "compiled" else rows, args.rows_out)
 
 

@@ -22,19 +22,15 @@ temperature > 1e-10), so latency and ttft run at NEAR_GREEDY_TEMPERATURE; its pr
 every timed run (``hash_to_block_id`` cleared, as minivllm.bench clears minivllm's), so no run hits blocks cached
 by an earlier one; throughput runs nano-vLLM's own warm-up, then at least 3 timed runs (5 if any takes < 5 s).
 """
-import functools
 import os
 import re
 import sys
-import time
 
 import torch
 from transformers import AutoConfig
 
 from minivllm.peers import STANDINS_DIR
-from minivllm.peers.protocol import (base_parser, check_vocab, emit, finish_args, latency_rows, peak_memory_mb,
-                                     repeat_until_enough, reset_peak_memory, row, timed_s, ttft_rows)
-from minivllm.workloads import throughput_requests
+from minivllm.peers.protocol import base_parser, check_vocab, emit, finish_args, workload_rows
 
 PEER = "GeeeekExplorer/nano-vllm"
 # Logits divided by 1e-9 leave softmax all its mass on the largest logit: argmax, except between exactly tied
@@ -105,35 +101,12 @@ class NanoEngine:
         outs = self.llm.generate([r.prompt_token_ids for r in requests], params, use_tqdm=False)
         return [len(out["token_ids"]) for out in outs]
 
-    def warm_up(self):
+    def warm_up(self, requests):
         self.llm.generate(["Benchmark: "], self.SamplingParams(), use_tqdm=False)  # nano-vLLM's bench.py
 
     def kv_cache_mb(self) -> float:
         cache = self.llm.model_runner.kv_cache
         return cache.numel() * cache.element_size() / 2**20
-
-
-def run_requests_checked(engine, requests):
-    counts = engine.generate_requests(requests)
-    if counts != [r.max_tokens for r in requests]:
-        raise RuntimeError(f"throughput: {sum(counts)} tokens generated, {sum(r.max_tokens for r in requests)} asked")
-
-
-def throughput_rows(engine, args, base, clock=time.perf_counter):
-    """Workload 1, nano-vLLM's bench: total output tokens / wall time of one generate of all requests."""
-    requests = throughput_requests(args.num_seqs)
-    out_tokens = sum(r.max_tokens for r in requests)
-    engine.warm_up()
-    reset_peak_memory()
-    samples_s = repeat_until_enough(
-        functools.partial(timed_s, engine, functools.partial(run_requests_checked, engine, requests), clock))
-    yield row(base, "throughput", len(requests), None, [1e3 * s for s in samples_s], out_tokens,
-              output_tokens=out_tokens, peak_memory_mb=peak_memory_mb(), kv_cache_mb=engine.kv_cache_mb())
-
-
-def workload_rows(engine, args, base, clock=time.perf_counter):
-    rows = {"throughput": throughput_rows, "latency": latency_rows, "ttft": ttft_rows}[args.workload]
-    return rows(engine, args, base, clock)
 
 
 def engine_settings(args, model_len: int) -> dict:

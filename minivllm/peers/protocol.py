@@ -168,3 +168,27 @@ def emit(rows, path: str) -> list[dict]:
             json.dump(done, f, indent=1)
         print(json.dumps(r), flush=True)
     return done
+
+
+def run_requests_checked(engine, requests):
+    counts = engine.generate_requests(requests)
+    if counts != [r.max_tokens for r in requests]:
+        raise RuntimeError(f"throughput: {sum(counts)} tokens generated, {sum(r.max_tokens for r in requests)} asked")
+
+
+def throughput_rows(engine, args, base, clock=time.perf_counter):
+    """Workload 1, nano-vLLM's bench: total output tokens / wall time of one generate of all requests, after the
+    engine's own warm-up; an engine here also has ``generate_requests``, ``warm_up`` and ``kv_cache_mb``."""
+    requests = throughput_requests(args.num_seqs)
+    out_tokens = sum(r.max_tokens for r in requests)
+    engine.warm_up(requests)
+    reset_peak_memory()
+    samples_s = repeat_until_enough(
+        functools.partial(timed_s, engine, functools.partial(run_requests_checked, engine, requests), clock))
+    yield row(base, "throughput", len(requests), None, [1e3 * s for s in samples_s], out_tokens,
+              output_tokens=out_tokens, peak_memory_mb=peak_memory_mb(), kv_cache_mb=engine.kv_cache_mb())
+
+
+def workload_rows(engine, args, base, clock=time.perf_counter):
+    rows = {"throughput": throughput_rows, "latency": latency_rows, "ttft": ttft_rows}[args.workload]
+    return rows(engine, args, base, clock)
