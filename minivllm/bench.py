@@ -131,16 +131,16 @@ def ttft(args, ceilings, emit):
                       throughput_tokens_per_sec=1e3 * plen / s["latency_ms"]))
 
 
-def peer_rows(args, emit) -> dict:
+def peer_rows(args, emit, failed: dict, save):
     """The peers of ``--peers`` on the same workload and prompts, each in its own process (run after
     minivllm's engines are shut down: nano-vLLM sizes its KV cache from the GPU memory left free).
     HF runs its own batch sizes and decode length (its eager steps are CPU-bound, tens of ms, so it times
-    fewer tokens); a peer that fails is named with its output's tail in the file, and the others still run."""
+    fewer tokens). A peer that fails is named in ``failed`` with its output's tail, and the others still run;
+    a stage limit's SIGTERM names the peer it stopped and those it left unstarted, saved before exiting."""
     from minivllm import peers
     common = ["--model", args.model, "--model-name", args.model_name, "--workload", args.benchmark,
               "--prompt-lens", ",".join(map(str, args.prompt_lens)), "--reps", str(args.reps)]
-    failed = {}
-    for peer in args.peers:
+    for i, peer in enumerate(args.peers):
         if peer == "nano-vllm":
             module, argv = "nano_vllm", ["--nano-vllm", args.nano_vllm, "--num-seqs", str(args.num_seqs),
                                          "--batches", ",".join(map(str, args.batches)),
@@ -150,13 +150,18 @@ def peer_rows(args, emit) -> dict:
                                   "--num-seqs", str(args.num_seqs)]
         gc.collect()
         torch.cuda.empty_cache()
+        start = time.perf_counter()
         try:
             for row in peers.run_peer(module, argv + common, args.peer_timeout):
                 emit(row)
         except peers.PeerError as e:
             failed[peer] = str(e)[-4000:]
             print(f"peer {peer} failed: {e}", flush=True)
-    return failed
+        except SystemExit:
+            failed[peer] = f"stopped by SIGTERM (a stage limit) {time.perf_counter() - start:.0f} s after it started"
+            failed.update({p: "not started: the run was stopped before it" for p in args.peers[i + 1:]})
+            save()
+            raise
 
 
 BENCHMARKS = {"throughput": ("engine_throughput", throughput), "latency": ("engine_latency", latency),
@@ -207,16 +212,18 @@ def main(argv=None):
     name, fn = BENCHMARKS[args.benchmark]
     rows, failed = [], {}
 
-    def emit(row):  # the file is rewritten after every row: a run cut short keeps what it measured
-        rows.append(row)
-        print(row, flush=True)
+    def save():
         write_result(name + args.tag, rows, args.out, "python -m minivllm.bench", argv, ceilings=ceilings,
                      failed_peers=failed, autotuned=autotuned_configs())
 
+    def emit(row):  # the file is rewritten after every row: a run cut short keeps what it measured
+        rows.append(row)
+        print(row, flush=True)
+        save()
+
     fn(args, ceilings, emit)
-    failed.update(peer_rows(args, emit))
-    write_result(name + args.tag, rows, args.out, "python -m minivllm.bench", argv, ceilings=ceilings,
-                 failed_peers=failed, autotuned=autotuned_configs())
+    peer_rows(args, emit, failed, save)
+    save()
 
 
 if __name__ == "__main__":

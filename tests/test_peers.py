@@ -510,3 +510,27 @@ def test_nano_runner_refuses_an_fp32_checkpoint_before_starting(tmp_path):
     ckpt = make_checkpoint("qwen3-tiny", str(tmp_path / "tiny"), vocab_size=10240)  # fp32
     with pytest.raises(SystemExit, match="bf16 or fp16"):
         nano_vllm.main(["--nano-vllm", NANO_VLLM_DIR, "--model", ckpt, "--workload", "ttft", "--rows-out", "unused"])
+
+
+def test_a_stage_limit_names_the_peer_it_stopped_and_those_left(monkeypatch):
+    # SIGTERM reaches the benchmark as SystemExit (its handler) while a peer runs: the saved file must say
+    # which peer was stopped and which never started, instead of an empty failed_peers.
+    import argparse
+
+    from minivllm import bench, peers
+
+    def run_peer(module, argv, timeout_s):
+        if "eager" in argv:
+            raise SystemExit(143)
+        yield {"engine": module}
+
+    monkeypatch.setattr(peers, "run_peer", run_peer)
+    args = argparse.Namespace(model="m", model_name="m", benchmark="throughput", prompt_lens=[128], reps=3,
+                              peers=["nano-vllm", "hf", "hf_compiled"], nano_vllm="nv", num_seqs=4, batches=[1],
+                              gen_tokens=8, peer_timeout=10)
+    rows, failed, saved = [], {}, []
+    with pytest.raises(SystemExit):
+        bench.peer_rows(args, rows.append, failed, lambda: saved.append(dict(failed)))
+    assert rows == [{"engine": "nano_vllm"}]
+    assert failed["hf"].startswith("stopped by SIGTERM") and failed["hf_compiled"].startswith("not started")
+    assert "nano-vllm" not in failed and saved == [failed]
