@@ -314,3 +314,43 @@ def test_eager_turns_graph_replays_off_on_every_rank_and_back(llm):
         assert not llm.model_runner.cuda_graphs_enabled
         assert greedy_tokens(llm, prompts) == reference
     assert llm.model_runner.cuda_graphs_enabled
+
+
+def test_the_decode_steps_own_sampler_gives_the_samplers_tokens(llm):
+    # A decode step samples inside its forward (its CUDA graph on a GPU) from packed int32 inputs: for
+    # greedy and seeded temperature rows, extreme 64-bit seeds included, the same tokens as Sampler on
+    # the same logits, and the packed step metadata is what prepare() builds for the same sequences.
+    from minivllm.engine.model_runner import unpack_decode
+    from minivllm.layers.sampler import sample_seed
+    runner = llm.model_runner
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.7, seed=-2**63),
+              SamplingParams(temperature=1.3, seed=2**63 - 1), SamplingParams(temperature=1e-6, seed=12345)]
+    seqs = [s for p, prompt in zip(params, random_prompts([5, 17, 33, 2], seed=9))
+            for s in llm.add_request(prompt, p)]
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in seqs):
+        llm.step()
+    assert all(s.plain_sampling for s in seqs) and {s.seed for s in seqs} >= {sample_seed(-2**63, 0)}
+    width = max(len(s.block_table) for s in seqs) + 2  # wider than needed: the padding columns are zeros
+    packed = runner.pack_decode(seqs, 6, width).copy()  # two padding rows
+    ids, positions, ctx = runner.prepare(seqs, [1] * len(seqs), False)
+    fields = {k: v.tolist() for k, v in unpack_decode(torch.from_numpy(packed), 6, width).items()}
+    assert fields["input_ids"] == ids + [0, 0] and fields["positions"] == positions + [0, 0]
+    assert fields["slot_mapping"] == ctx["slot_mapping"] + [-1, -1]
+    assert fields["seqlens_k"] == ctx["seqlens_k"] + [1, 1]
+    assert [row[:len(t)] for row, t in zip(fields["block_tables"], ctx["block_tables"])] == ctx["block_tables"]
+    logits, tokens = runner.decode(packed, len(seqs), width, replay=False)
+    expected = runner.sampler(logits.clone(), *runner.sampling_inputs(seqs))
+    assert tokens.tolist() == expected.tolist()
+    llm.abort_all()
+
+
+def test_decode_steps_resample_only_when_a_sequence_asks_more_of_its_logits(llm):
+    # top-k or logprobs in the batch: the step's tokens come from Sampler over the logits (with the
+    # logprobs); the batch's plain rows get the same tokens as when they run alone.
+    prompts = random_prompts([6, 11], seed=10)
+    plain = SamplingParams(temperature=0.9, seed=3, max_tokens=6, ignore_eos=True)
+    alone = llm.generate([prompts[0]], plain, use_tqdm=False)[0].outputs[0].token_ids
+    mixed = llm.generate(prompts, [plain, SamplingParams(temperature=0.9, top_k=3, logprobs=2, seed=4, max_tokens=6,
+                                                         ignore_eos=True)], use_tqdm=False)
+    assert mixed[0].outputs[0].token_ids == alone
+    assert len(mixed[1].outputs[0].logprobs) == 6

@@ -9,8 +9,12 @@ itself (``call``); they run the calls in ``loop`` until ``exit``.
 import gc
 import signal
 import threading
+from itertools import chain
 
+import numpy as np
 import torch
+
+import kernels
 
 from minivllm import distributed
 from minivllm.config import Config
@@ -19,7 +23,7 @@ from minivllm.engine.sequence import Sequence
 from minivllm.heartbeat import beat_until_orphaned
 from minivllm.layers.logits_processors import apply_penalties, ban_tokens
 from minivllm.layers.logprobs import token_logprobs
-from minivllm.layers.sampler import Sampler
+from minivllm.layers.sampler import Sampler, noise_keys_of_halves
 from minivllm.loader import load_model
 from minivllm.models import ARCHITECTURES
 from minivllm.sampling_params import SamplingParams
@@ -27,6 +31,28 @@ from minivllm.sampling_params import SamplingParams
 
 def cuda_graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return [bs for bs in (1, 2, 4, 8) if bs < max_num_seqs] + list(range(16, max_num_seqs + 16, 16))
+
+
+# A decode step's inputs, packed into one int32 array of DECODE_FIELDS rows of ``bs`` values, then the
+# [bs, width] block table: one host-to-device copy per step. The seed's two halves and the temperature's
+# float32 bits travel as int32 too.
+DECODE_FIELDS = ("input_ids", "positions", "slot_mapping", "seqlens_k", "temperature_bits", "seed_low", "seed_high",
+                 "steps")
+
+
+# Rows past the batch's sequences: no KV store (slot -1), one key to read, greedy.
+DECODE_PADDING = np.array([0, 0, -1, 1, 0, 0, 0, 0], np.int32)
+
+
+def decode_size(bs: int, width: int) -> int:
+    return bs * (len(DECODE_FIELDS) + width)
+
+
+def unpack_decode(packed: torch.Tensor, bs: int, width: int) -> dict:
+    """Views of the fields of ``packed`` (laid out by ``ModelRunner.pack_decode``)."""
+    fields = {name: packed[i * bs:(i + 1) * bs] for i, name in enumerate(DECODE_FIELDS)}
+    fields["block_tables"] = packed[len(DECODE_FIELDS) * bs:decode_size(bs, width)].reshape(bs, width)
+    return fields
 
 
 class ModelRunner:
@@ -49,6 +75,13 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_cache = None
         self.graphs = {}
+        self.decode_inputs = None  # the device buffer the decode graphs read their packed inputs from
+        self.graph_width = -(-config.max_model_len // self.block_size)  # block-table columns of a decode step
+        rows = cuda_graph_batch_sizes(config.max_num_seqs)[-1]
+        self.host_decode_pinned = torch.empty(decode_size(rows, self.graph_width), dtype=torch.int32,
+                                              pin_memory=self.device.type == "cuda")
+        self.host_decode = self.host_decode_pinned.numpy()
+        self.decode_cu_seqlens = torch.arange(rows + 1, dtype=torch.int32, device=self.device)
         self.cuda_graphs_enabled = True  # LLM.eager() turns replays off for a while
         self.logits_log = None  # a list while LLM.record_logits() records: each step's logits to sample
         if config.num_kvcache_blocks is None:
@@ -138,6 +171,7 @@ class ModelRunner:
         """Every rank's last call: free the CUDA graphs and the KV cache before the group goes."""
         self.graphs = {}
         self.graph_outputs = {}
+        self.decode_inputs = None
         self.kv_cache = None
         layers = self.model.kv_cache_layout()[0]
         self.model.bind_kv_cache([None] * layers, [None] * layers)  # their views would keep the cache alive
@@ -179,30 +213,14 @@ class ModelRunner:
 
     def forward(self, input_ids, positions, ctx: dict, logit_rows=None):
         """Logits of each sequence's last new token, or of the token rows ``logit_rows`` (rank 0;
-        None elsewhere). A decode step replays a CUDA graph that holds the whole model and the
-        lm_head, so only the sampler runs outside it."""
-        batch = len(ctx["seqlens_k"])
-        graph_bs = next((bs for bs in self.graphs if bs >= batch), None) if self.cuda_graphs_enabled else None
-        if ctx["is_prefill"] or graph_bs is None or logit_rows is not None:
-            set_context(**ctx)
-            try:
-                hidden, residual = self.model(input_ids, positions)
-            finally:
-                reset_context()
-            rows = ctx["cu_seqlens_q"][1:].long() - 1 if logit_rows is None else logit_rows
-            return self.model.compute_logits(hidden[rows], residual[rows])
-        g = self.graph_inputs
-        g["input_ids"][:batch] = input_ids
-        g["positions"][:batch] = positions
-        g["slot_mapping"].fill_(-1)
-        g["slot_mapping"][:batch] = ctx["slot_mapping"]
-        g["seqlens_k"].fill_(1)
-        g["seqlens_k"][:batch] = ctx["seqlens_k"]
-        width = ctx["block_tables"].shape[1]
-        g["block_tables"][:batch, :width] = ctx["block_tables"]
-        self.graphs[graph_bs].replay()
-        logits = self.graph_outputs[graph_bs]  # None on ranks other than 0
-        return None if logits is None else logits[:batch]
+        None elsewhere), run eagerly (prefill steps, and the warm-up)."""
+        set_context(**ctx)
+        try:
+            hidden, residual = self.model(input_ids, positions)
+        finally:
+            reset_context()
+        rows = ctx["cu_seqlens_q"][1:].long() - 1 if logit_rows is None else logit_rows
+        return self.model.compute_logits(hidden[rows], residual[rows])
 
     @torch.inference_mode()
     def compute_logits(self, input_ids: list[int], positions: list[int], ctx: dict, logit_rows=None):
@@ -225,7 +243,9 @@ class ModelRunner:
         sequence (None where not asked; the whole list None when no sequence asks); and the
         logprobs of the prompt tokens each sequence scored in this step (likewise). Sampling
         happens here, on rank 0."""
-        spans = self.prompt_positions(seqs, num_new) if is_prefill else None
+        if not is_prefill:
+            return self.run_decode(seqs)
+        spans = self.prompt_positions(seqs, num_new)
         input_ids, positions, ctx = self.prepare(seqs, num_new, is_prefill)
         starts = ctx["cu_seqlens_q"]
         prompt_rows = [starts[i] + p - seq.num_computed_tokens
@@ -233,11 +253,28 @@ class ModelRunner:
         logit_rows = prompt_rows + [end - 1 for end in starts[1:]] if spans else None
         logits = self.call("compute_logits", input_ids, positions, ctx, logit_rows)
         prompt_logprobs = self.score_prompts(seqs, spans, logits[:len(prompt_rows)]) if spans else None
-        logits = logits[len(prompt_rows):]
         done = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in zip(seqs, num_new)]
         if not any(done):
             return [None] * len(seqs), None, prompt_logprobs
-        rows = [i for i, seq in enumerate(seqs) if seq.inspects_logits and done[i]]  # the default path's one pass
+        tokens, logprobs = self.sample(seqs, logits[len(prompt_rows):])
+        return [t if d else None for t, d in zip(tokens, done)], logprobs, prompt_logprobs
+
+    def run_decode(self, seqs: list[Sequence]):
+        """A decode step: one copy of the packed inputs, the forward and the sampler (one graph replay
+        where a graph is captured), one copy of the tokens back. Only a step with a sequence that asks
+        more of its logits than plain sampling samples them again, here."""
+        graph_bs = self.graph_size(len(seqs))
+        width = self.graph_width if graph_bs else max(len(seq.block_table) for seq in seqs)
+        packed = self.pack_decode(seqs, graph_bs or len(seqs), width)
+        logits, tokens = self.call("decode", packed, len(seqs), width, graph_bs is not None)
+        if self.logits_log is None and all(seq.plain_sampling for seq in seqs):
+            return tokens.tolist(), None, None
+        return *self.sample(seqs, logits), None
+
+    def sample(self, seqs: list[Sequence], logits):
+        """Each sequence's next token from its row of ``logits`` (fp32), after the penalties and bans
+        it asks for; and its logprobs (None for all when none asks)."""
+        rows = [i for i, seq in enumerate(seqs) if seq.inspects_logits]
         asks = [i for i in rows if seqs[i].logprobs is not None]
         raw = logits[asks] if asks else None  # a copy: logprobs come from the unprocessed logits
         if rows:
@@ -245,12 +282,77 @@ class ModelRunner:
         if self.logits_log is not None:
             self.logits_log.append(logits.clone())
         tokens = self.sampler(logits, *self.sampling_inputs(seqs)).tolist()
-        tokens = [t if d else None for t, d in zip(tokens, done)]
         if not asks:
-            return tokens, None, prompt_logprobs
+            return tokens, None
         entries = dict(zip(asks, token_logprobs(raw, [tokens[i] for i in asks],
                                                 [seqs[i].sampling_params.logprobs for i in asks])))
-        return tokens, [entries.get(i) for i in range(len(seqs))], prompt_logprobs
+        return tokens, [entries.get(i) for i in range(len(seqs))]
+
+    def graph_size(self, batch: int) -> int | None:
+        """The smallest captured decode graph that holds ``batch`` rows; None to run eagerly."""
+        if not self.cuda_graphs_enabled:
+            return None
+        return next((bs for bs in self.graphs if bs >= batch), None)
+
+    def pack_decode(self, seqs: list[Sequence], bs: int, width: int) -> np.ndarray:
+        """The decode step's inputs (``DECODE_FIELDS`` and the block table) for ``bs`` rows, the rows past
+        the sequences padded to write no KV and read one key, in this rank's pinned staging buffer: a few
+        whole-array operations, not one per sequence and field."""
+        n, block = len(seqs), self.block_size
+        packed = self.host_decode[:decode_size(bs, width)]
+        head = packed[:len(DECODE_FIELDS) * bs].reshape(len(DECODE_FIELDS), bs)
+        tables = packed[len(DECODE_FIELDS) * bs:].reshape(bs, width)
+        head[:, n:] = DECODE_PADDING[:, None]
+        tables[:] = 0
+        if not n:
+            return packed
+        counts = np.array([len(seq.block_table) for seq in seqs])
+        rows = np.repeat(np.arange(n), counts)
+        tables[rows, np.arange(rows.size) - np.repeat(np.cumsum(counts) - counts, counts)] = list(
+            chain.from_iterable(seq.block_table for seq in seqs))
+        lengths = [len(seq.token_ids) for seq in seqs]
+        slots = [seq.block_table[(m - 1) // block] * block + (m - 1) % block for seq, m in zip(seqs, lengths)]
+        seeds = np.array([seq.seed for seq in seqs], np.int64)
+        head[:, :n] = [[seq.token_ids[-1] for seq in seqs], [m - 1 for m in lengths], slots, lengths,
+                       np.array([seq.sampling_params.temperature for seq in seqs], np.float32).view(np.int32),
+                       seeds.astype(np.int32), (seeds >> 32).astype(np.int32),  # the device masks both halves
+                       [seq.num_completion_tokens for seq in seqs]]
+        return packed
+
+    @torch.inference_mode()
+    def decode(self, packed: np.ndarray, n: int, width: int, replay: bool):
+        """Every rank's decode step on ``pack_decode``'s inputs (its rows' graph when ``replay``): rank 0
+        gets the fp32 logits and the sampled tokens of the first ``n`` rows; the other ranks (None, None)."""
+        bs = packed.size // (len(DECODE_FIELDS) + width)
+        if not replay:
+            logits, tokens = self.decode_forward(torch.from_numpy(packed).to(self.device), bs, width)
+        else:
+            if np.shares_memory(packed, self.host_decode):  # rank 0's pinned buffer: an asynchronous copy
+                self.decode_inputs[:packed.size].copy_(self.host_decode_pinned[:packed.size], non_blocking=True)
+            else:
+                self.decode_inputs[:packed.size].copy_(torch.from_numpy(packed))
+            self.graphs[bs].replay()
+            logits, tokens = self.graph_outputs[bs]
+        return (None, None) if logits is None else (logits[:n], tokens[:n])
+
+    def decode_forward(self, packed: torch.Tensor, bs: int, width: int):
+        """The decode step on the device from its packed inputs, what a decode graph captures: the
+        forward, the fp32 logits and the sampled tokens (greedy rows argmax, the others Gumbel-max with
+        their seeded noise: ``Sampler``'s tokens for rows without top-k, top-p or logits processing)."""
+        f = unpack_decode(packed, bs, width)
+        set_context(is_prefill=False, cu_seqlens_q=self.decode_cu_seqlens[:bs + 1], seqlens_k=f["seqlens_k"],
+                    max_seqlen_q=1, max_seqlen_k=self.config.max_model_len, slot_mapping=f["slot_mapping"],
+                    block_tables=f["block_tables"])
+        try:
+            hidden, residual = self.model(f["input_ids"], f["positions"])
+        finally:
+            reset_context()
+        logits = self.model.compute_logits(hidden, residual)
+        if logits is None:
+            return None, None
+        logits = logits.float()
+        keys = noise_keys_of_halves(f["seed_low"], f["seed_high"], f["steps"])
+        return logits, kernels.gumbel_argmax(logits, f["temperature_bits"].view(torch.float32), keys)
 
     def process_logits(self, logits, rows: list[int], seqs: list[Sequence]):
         """Applies the penalties and the min_tokens bans that the sequences of ``rows`` ask for, in place."""
@@ -292,31 +394,21 @@ class ModelRunner:
 
     @torch.inference_mode()
     def capture_cudagraphs(self):
-        """One graph per decode batch size: a replay launches the whole forward at once."""
-        config = self.config
-        sizes = cuda_graph_batch_sizes(config.max_num_seqs)
-        max_bs = sizes[-1]
-        max_blocks = -(-config.max_model_len // self.block_size)
-        i32 = dict(dtype=torch.int32, device=self.device)
-        g = self.graph_inputs = dict(
-            input_ids=torch.zeros(max_bs, dtype=torch.int64, device=self.device),
-            positions=torch.zeros(max_bs, dtype=torch.int64, device=self.device),
-            slot_mapping=torch.full((max_bs,), -1, **i32), seqlens_k=torch.ones(max_bs, **i32),
-            block_tables=torch.zeros(max_bs, max_blocks, **i32), cu_seqlens_q=torch.arange(max_bs + 1, **i32))
+        """One graph per decode batch size: a replay runs the whole step, forward and sampler, at once."""
+        sizes = cuda_graph_batch_sizes(self.config.max_num_seqs)
+        self.decode_inputs = torch.zeros(decode_size(sizes[-1], self.graph_width), dtype=torch.int32,
+                                         device=self.device)
         self.graph_outputs, pool = {}, None
         for bs in reversed(sizes):
-            set_context(is_prefill=False, cu_seqlens_q=g["cu_seqlens_q"][:bs + 1], seqlens_k=g["seqlens_k"][:bs],
-                        max_seqlen_q=1, max_seqlen_k=config.max_model_len, slot_mapping=g["slot_mapping"][:bs],
-                        block_tables=g["block_tables"][:bs])
-            self.model.compute_logits(*self.model(g["input_ids"][:bs], g["positions"][:bs]))  # autotune first
+            padding = self.pack_decode([], bs, self.graph_width)
+            self.decode_inputs[:padding.size].copy_(torch.from_numpy(padding))
+            self.decode_forward(self.decode_inputs, bs, self.graph_width)  # autotune first
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool):
-                self.graph_outputs[bs] = self.model.compute_logits(*self.model(g["input_ids"][:bs],
-                                                                               g["positions"][:bs]))
+                self.graph_outputs[bs] = self.decode_forward(self.decode_inputs, bs, self.graph_width)
             pool = pool or graph.pool()
             self.graphs[bs] = graph
             torch.cuda.synchronize()
-        reset_context()
         self.graphs = dict(sorted(self.graphs.items()))
 
 

@@ -40,6 +40,9 @@ class Sequence:
         # Whether the model runner looks at its logits row beyond sampling: logprobs, penalties, min_tokens.
         self.inspects_logits = (sampling_params.logprobs is not None or sampling_params.penalized
                                 or sampling_params.min_tokens > 0)
+        # Whether the decode step's own sampler (greedy or Gumbel-max, inside its CUDA graph) gives its token.
+        self.plain_sampling = (not self.inspects_logits and sampling_params.top_k <= 0
+                               and sampling_params.top_p == 1)
         # The same for each prompt token from the second on, filled as the prompt is computed; the
         # request's first sample scores the prompt for all of them.
         wants_prompt = sampling_params.prompt_logprobs is not None and index == 0
