@@ -89,6 +89,7 @@ class Results:
     git_commit: str | None
     path: Path
     ceilings: dict | None = None  # the GPU's measured copy bandwidth and matmul rate, where the run measured them
+    failed_peers: dict | None = None  # peer -> why it has no rows in this run
 
     @property
     def label(self) -> str:
@@ -110,7 +111,7 @@ def load_results(name: str, results_dir: str | os.PathLike = "data/results", gpu
     path = max(files, key=lambda p: (docs[p].get("date", ""), p.stat().st_mtime))
     doc = docs[path]
     return Results(name, pd.DataFrame(doc.get("rows", [])), doc.get("hardware", {}), doc.get("command", ""),
-                   doc.get("date", ""), doc.get("git_commit"), path, doc.get("ceilings"))
+                   doc.get("date", ""), doc.get("git_commit"), path, doc.get("ceilings"), doc.get("failed_peers"))
 
 
 def machine_label(hardware: dict) -> str:
