@@ -64,6 +64,14 @@ def base_row(llm: LLM, args, workload: str) -> dict:
                 tensor_parallel_size=llm.config.tensor_parallel_size, model_name=args.model_name)
 
 
+def memory_fields(llm: LLM) -> dict:
+    """``peak_memory_mb`` (the allocator's peak since the row's reset: mostly the preallocated KV pool) and
+    what it is made of (``LLM.memory_stats``, rank 0's shard): weights, the largest step's activations,
+    the KV pool and the most of it in use at once."""
+    stats = {k.removesuffix("_bytes") + "_mb": None if v is None else v / 2**20 for k, v in llm.memory_stats().items()}
+    return dict(peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20, kv_cache_mb=stats.pop("kv_pool_mb"), **stats)
+
+
 def throughput(args, ceilings, emit):
     """Workload 1: nano-vLLM's benchmark; ``latency_ms`` is the median wall time of ``generate``."""
     requests = workloads.throughput_requests(args.num_seqs)
@@ -83,9 +91,7 @@ def throughput(args, ceilings, emit):
                   throughput_tokens_per_sec=1e3 * out_tokens / s["latency_ms"],
                   throughput_samples=[1e3 * out_tokens / t for t in s["samples_ms"]],
                   floor_s=floor_s, floor_tokens_per_sec=out_tokens / floor_s,
-                  peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20,
-                  kv_cache_mb=llm.model_runner.kv_cache.numel() * itemsize / 2**20,  # rank 0's shard
-                  preemptions=llm.scheduler.num_preemptions))
+                  **memory_fields(llm), preemptions=llm.scheduler.num_preemptions))
 
 
 def latency(args, ceilings, emit):
@@ -114,8 +120,7 @@ def latency(args, ceilings, emit):
                           prefill_ms=statistics.median(prefill), floor_ms=floor,
                           measured_over_floor=s["latency_ms"] / floor,
                           throughput_tokens_per_sec=batch * 1e3 / s["latency_ms"],
-                          peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20,
-                          cuda_graphs=not args.enforce_eager))
+                          **memory_fields(llm), cuda_graphs=not args.enforce_eager))
 
 
 def ttft(args, ceilings, emit):

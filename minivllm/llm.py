@@ -331,6 +331,17 @@ class LLM:
             if self.model_runner is not None:
                 self.model_runner.logits_log = None
 
+    def memory_stats(self) -> dict:
+        """Where rank 0's GPU memory goes, in bytes: its weights; the activation peak of the largest step
+        (the warm-up step that sizes the KV cache, sampler included; None on CPU, where nothing measures
+        it); the KV-cache pool allocated; and the most of that pool running sequences held at once since
+        the engine started."""
+        runner = self.model_runner
+        bm = self.scheduler.block_manager
+        per_block = runner.kv_bytes_per_block()
+        return dict(weights_bytes=runner.weight_bytes(), activation_peak_bytes=runner.activation_peak_bytes,
+                    kv_pool_bytes=len(bm.blocks) * per_block, kv_peak_in_use_bytes=bm.peak_blocks_in_use * per_block)
+
     def reset_prefix_cache(self):
         """Forgets every cached prefix, so that the next requests compute their prompts in full
         (benchmarks: no hits carried from one timed run to the next)."""

@@ -354,3 +354,18 @@ def test_decode_steps_resample_only_when_a_sequence_asks_more_of_its_logits(llm)
                                                          ignore_eos=True)], use_tqdm=False)
     assert mixed[0].outputs[0].token_ids == alone
     assert len(mixed[1].outputs[0].logprobs) == 6
+
+
+def test_memory_stats_count_the_weights_and_the_kv_blocks_in_use(ckpt):
+    # Weights as the cost model counts them (plus the RoPE table buffers), the pool as allocated, and the
+    # peak of blocks held at once: three prompts of 40 tokens + 8 outputs need 3 blocks of 16 each.
+    from minivllm.costs import weight_bytes
+    llm = LLM(ckpt, device="cpu", max_model_len=128, enable_prefix_caching=False)
+    stats = llm.memory_stats()
+    runner, cfg = llm.model_runner, llm.config.hf_config
+    buffers = sum(b.numel() * b.element_size() for b in runner.model.buffers())
+    assert stats["weights_bytes"] == weight_bytes(cfg, llm.config.torch_dtype.itemsize) + buffers
+    assert stats["kv_pool_bytes"] == llm.config.num_kvcache_blocks * runner.kv_bytes_per_block()
+    assert stats["kv_peak_in_use_bytes"] == 0 and stats["activation_peak_bytes"] is None  # measured on GPUs only
+    llm.generate(random_prompts([40] * 3, seed=11), SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
+    assert llm.memory_stats()["kv_peak_in_use_bytes"] == 3 * 3 * runner.kv_bytes_per_block()

@@ -29,6 +29,7 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_block_ids: deque[int] = deque(range(num_blocks))
         self.hash_to_block_id: dict[int, int] = {}
+        self.peak_blocks_in_use = 0  # held by running sequences at once, since the engine started
 
     @property
     def num_free_blocks(self) -> int:
@@ -69,6 +70,7 @@ class BlockManager:
                 self.free_block_ids.remove(block_id)
             block.ref_count += 1
             seq.block_table.append(block_id)
+        self._note_peak()
         seq.num_computed_tokens = seq.num_cached_tokens = len(hits) * self.block_size
         seq.num_hashed_blocks = len(hits)
 
@@ -80,6 +82,11 @@ class BlockManager:
                 del self.hash_to_block_id[block.hash]
             block.hash, block.token_ids, block.ref_count = None, (), 1
             seq.block_table.append(block.block_id)
+        self._note_peak()
+
+    def _note_peak(self):
+        # Free blocks include cached ones no sequence holds: the rest are in use.
+        self.peak_blocks_in_use = max(self.peak_blocks_in_use, len(self.blocks) - len(self.free_block_ids))
 
     def register_computed_blocks(self, seq: Sequence):
         """Enter the blocks that ``seq`` has filled and computed into the prefix cache."""

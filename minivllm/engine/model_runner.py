@@ -76,6 +76,7 @@ class ModelRunner:
         self.kv_cache = None
         self.graphs = {}
         self.decode_inputs = None  # the device buffer the decode graphs read their packed inputs from
+        self.activation_peak_bytes = None  # measured by kv_budget's warm-up step on a GPU
         self.graph_width = -(-config.max_model_len // self.block_size)  # block-table columns of a decode step
         rows = cuda_graph_batch_sizes(config.max_num_seqs)[-1]
         self.host_decode_pinned = torch.empty(decode_size(rows, self.graph_width), dtype=torch.int32,
@@ -92,6 +93,12 @@ class ModelRunner:
         self.allocate_kv_cache(config.num_kvcache_blocks)
         if self.device.type == "cuda" and not config.enforce_eager:
             self.capture_cudagraphs()
+
+    # ---- memory ---------------------------------------------------------------------
+    def weight_bytes(self) -> int:
+        """This rank's weights (its shard), buffers included (RoPE tables)."""
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     # ---- KV cache -------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -127,6 +134,7 @@ class ModelRunner:
                          torch.zeros(rows, dtype=torch.long, device=self.device))
         torch.cuda.synchronize()
         peak_without_cache = torch.cuda.max_memory_allocated() - self.kv_cache.numel() * self.kv_cache.element_size()
+        self.activation_peak_bytes = peak_without_cache - self.weight_bytes()
         self.kv_cache = None
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
