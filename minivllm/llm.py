@@ -86,6 +86,9 @@ class LLM:
         self.stop_checker = StopChecker(set(self.config.hf_config.eos_token_ids), self.config.max_model_len,
                                         self.tokenizer)
         self.scheduler = Scheduler(self.config, self.stop_checker)
+        self.pending = None  # a decode step generate() launched and has not waited for (ModelRunner.PendingDecode)
+        # One rank only: the other ranks would need each step's tokens for the next step's inputs.
+        self.overlap = self.config.async_scheduling and self.config.tensor_parallel_size == 1
         self._seed_rng = random.Random(self.config.seed)
 
     def _take_tokenizer_eos(self):
@@ -263,9 +266,9 @@ class LLM:
             try:
                 total = sum(seq.sampling_params.max_tokens for seq in seqs)
                 with tqdm(total=total, desc="generate", unit="tok", disable=not use_tqdm) as bar:
-                    while not self.scheduler.is_finished():
+                    while not self.scheduler.is_finished() or self.pending is not None:
                         before = self.scheduler.num_generated_tokens
-                        self.step()
+                        self._step(overlap=self.overlap)
                         bar.update(self.scheduler.num_generated_tokens - before)
             except BaseException:
                 self.abort_all()  # whatever broke the loop, the engine stays usable
@@ -273,18 +276,43 @@ class LLM:
             return [self._output(text, ids, samples) for text, ids, samples in requests]
 
     def step(self):
+        """Runs one step to completion and returns the sequences that finished in it."""
+        return self._step(overlap=False)
+
+    def _step(self, overlap: bool):
+        """One step. With ``overlap`` (generate's loop) a decode step of plain-sampling sequences is left
+        running on the device: the next call launches the step after it when the scheduler allows
+        (``Scheduler.continue_decode``), and only then waits for its tokens, so that the host's work for
+        one step runs while the GPU computes the one before. The sequences a step finishes are returned
+        by the call that takes its tokens."""
         with self._lock:
             self._check_running()
-            seqs, num_new, is_prefill = self.scheduler.schedule()
-            output = None
+            runner, output = self.model_runner, None
             try:
-                output = self.model_runner.run(seqs, num_new, is_prefill)
-                return self.scheduler.postprocess(seqs, num_new, *output)
+                pending, self.pending = self.pending, None
+                if pending is not None and overlap and self.scheduler.continue_decode(pending.seqs):
+                    self.pending = runner.launch_decode(pending.seqs, continuing=True)
+                    return self._take(pending)
+                finished = self._take(pending) if pending is not None else []
+                seqs, num_new, is_prefill = self.scheduler.schedule()
+                if not seqs:
+                    return finished
+                if overlap and not is_prefill and runner.logits_log is None and all(s.plain_sampling for s in seqs):
+                    self.pending = runner.launch_decode(seqs)
+                    return finished
+                output = runner.run(seqs, num_new, is_prefill)
+                return finished + self.scheduler.postprocess(seqs, num_new, *output)
             except BaseException as error:
+                self.pending = None
                 self.abort_all()  # whatever failed, the engine stays usable
                 if output is None and self.config.tensor_parallel_size > 1:
                     self._tensor_parallel_failed(error)  # the model step itself failed
                 raise
+
+    def _take(self, pending) -> list[Sequence]:
+        """Waits for a launched decode step and accounts for its tokens."""
+        return self.scheduler.postprocess(pending.seqs, [1] * len(pending.seqs),
+                                          self.model_runner.finish_decode(pending))
 
     def add_request(self, prompt, params: SamplingParams) -> list[Sequence]:
         """Checks and queues one request without running it, for callers that drive ``step``
@@ -350,6 +378,7 @@ class LLM:
     def abort_all(self):
         """Drop every unfinished request, returning their KV blocks (keeps the engine usable)."""
         with self._lock:
+            self.pending = None  # its sequences are dropped below; its device work writes only their blocks
             for seq in list(self.scheduler.running):
                 self.scheduler.block_manager.free(seq)
             self.scheduler.running.clear()

@@ -369,3 +369,46 @@ def test_memory_stats_count_the_weights_and_the_kv_blocks_in_use(ckpt):
     assert stats["kv_peak_in_use_bytes"] == 0 and stats["activation_peak_bytes"] is None  # measured on GPUs only
     llm.generate(random_prompts([40] * 3, seed=11), SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
     assert llm.memory_stats()["kv_peak_in_use_bytes"] == 3 * 3 * runner.kv_bytes_per_block()
+
+
+def outputs_of(outs):
+    return [[(c.token_ids, c.finish_reason, c.stop_reason, c.text) for c in o.outputs] for o in outs]
+
+
+@pytest.mark.parametrize("setting", ["plain", "eos-and-stops", "tiny-kv"])
+def test_overlapped_decode_steps_give_the_synchronous_engines_outputs(ckpt, setting, monkeypatch):
+    # generate() launches a decode step before taking the tokens of the one in flight: whatever ends a
+    # sequence (length, EOS, a stop token or string), wherever preemption strikes, the outputs are the
+    # synchronous engine's; and the overlap did happen.
+    prompts = random_prompts([7, 30, 12, 45, 3], seed=12)
+    kwargs = dict(device="cpu", max_model_len=128)
+    if setting == "tiny-kv":
+        kwargs.update(max_model_len=64, num_kvcache_blocks=4, max_num_batched_tokens=64)
+    params = [SamplingParams(temperature=t, seed=s, max_tokens=m, ignore_eos=setting != "eos-and-stops")
+              for t, s, m in [(0, None, 20), (0.8, 1, 9), (1.2, 2, 33), (0, None, 1), (0.5, 3, 15)]]
+    sync = LLM(ckpt, async_scheduling=False, **kwargs)
+    if setting == "eos-and-stops":
+        # The synchronous engine's own tokens, early in each output, become EOS, stop tokens and strings.
+        firsts = [o.outputs[0].token_ids for o in sync.generate(prompts, params, use_tqdm=False)]
+        sync.config.hf_config.eos_token_ids.append(firsts[0][5])
+        sync.stop_checker.eos_token_ids.add(firsts[0][5])
+        params[1] = SamplingParams(temperature=0.8, seed=1, max_tokens=9, stop_token_ids=[firsts[1][3]])
+        params[2] = SamplingParams(temperature=1.2, seed=2, max_tokens=33,
+                                   stop=[sync.tokenizer.decode(firsts[2][4:6])])
+    expected = outputs_of(sync.generate(prompts, params, use_tqdm=False))
+    llm = LLM(ckpt, **kwargs)
+    assert llm.overlap
+    if setting == "eos-and-stops":
+        llm.config.hf_config.eos_token_ids.append(firsts[0][5])
+        llm.stop_checker.eos_token_ids.add(firsts[0][5])
+    launches = []
+    launch = llm.model_runner.launch_decode
+    monkeypatch.setattr(llm.model_runner, "launch_decode", lambda seqs, continuing=False: (
+        launches.append(continuing), launch(seqs, continuing))[1])
+    assert outputs_of(llm.generate(prompts, params, use_tqdm=False)) == expected
+    assert launches.count(True) > 10 and llm.pending is None
+    assert llm.scheduler.block_manager.num_free_blocks == llm.config.num_kvcache_blocks
+    if setting == "tiny-kv":
+        assert llm.scheduler.num_preemptions > 0
+    assert [c[0] for o in outputs_of(llm.generate(prompts, params, use_tqdm=False)) for c in o] == \
+        [c[0] for o in expected for c in o]  # and again, on the same engine

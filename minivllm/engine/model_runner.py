@@ -9,6 +9,7 @@ itself (``call``); they run the calls in ``loop`` until ``exit``.
 import gc
 import signal
 import threading
+from dataclasses import dataclass
 from itertools import chain
 
 import numpy as np
@@ -37,15 +38,23 @@ def cuda_graph_batch_sizes(max_num_seqs: int) -> list[int]:
 # [bs, width] block table: one host-to-device copy per step. The seed's two halves and the temperature's
 # float32 bits travel as int32 too.
 DECODE_FIELDS = ("input_ids", "positions", "slot_mapping", "seqlens_k", "temperature_bits", "seed_low", "seed_high",
-                 "steps")
+                 "steps", "from_previous")
 
 
 # Rows past the batch's sequences: no KV store (slot -1), one key to read, greedy.
-DECODE_PADDING = np.array([0, 0, -1, 1, 0, 0, 0, 0], np.int32)
+DECODE_PADDING = np.array([0, 0, -1, 1, 0, 0, 0, 0, 0], np.int32)
 
 
 def decode_size(bs: int, width: int) -> int:
     return bs * (len(DECODE_FIELDS) + width)
+
+
+@dataclass
+class PendingDecode:
+    """A decode step launched and not yet waited for: its sequences and where its tokens arrive."""
+    seqs: list[Sequence]
+    tokens: torch.Tensor  # [len(seqs)] int64, in pinned host memory on a GPU
+    done: "torch.cuda.Event | None"  # recorded after the copy of the tokens; None on CPU
 
 
 def unpack_decode(packed: torch.Tensor, bs: int, width: int) -> dict:
@@ -79,10 +88,15 @@ class ModelRunner:
         self.activation_peak_bytes = None  # measured by kv_budget's warm-up step on a GPU
         self.graph_width = -(-config.max_model_len // self.block_size)  # block-table columns of a decode step
         rows = cuda_graph_batch_sizes(config.max_num_seqs)[-1]
-        self.host_decode_pinned = torch.empty(decode_size(rows, self.graph_width), dtype=torch.int32,
-                                              pin_memory=self.device.type == "cuda")
+        # Two of each host buffer: a step is packed (and its tokens land) while the one before may still
+        # be copying from (to) the other.
+        pin = self.device.type == "cuda"
+        self.host_decode_pinned = torch.empty(2, decode_size(rows, self.graph_width), dtype=torch.int32, pin_memory=pin)
         self.host_decode = self.host_decode_pinned.numpy()
+        self.host_tokens = torch.empty(2, rows, dtype=torch.int64, pin_memory=pin)
+        self.host_side = 0  # which of the two the newest step uses
         self.decode_cu_seqlens = torch.arange(rows + 1, dtype=torch.int32, device=self.device)
+        self.last_tokens = torch.zeros(rows, dtype=torch.int64, device=self.device)  # the newest decode step's
         self.cuda_graphs_enabled = True  # LLM.eager() turns replays off for a while
         self.logits_log = None  # a list while LLM.record_logits() records: each step's logits to sample
         if config.num_kvcache_blocks is None:
@@ -271,13 +285,35 @@ class ModelRunner:
         """A decode step: one copy of the packed inputs, the forward and the sampler (one graph replay
         where a graph is captured), one copy of the tokens back. Only a step with a sequence that asks
         more of its logits than plain sampling samples them again, here."""
+        if self.logits_log is None and all(seq.plain_sampling for seq in seqs):
+            return self.finish_decode(self.launch_decode(seqs)), None, None
+        logits, _ = self.call("decode", *self.decode_inputs_for(seqs, continuing=False))
+        return *self.sample(seqs, logits), None
+
+    def launch_decode(self, seqs: list[Sequence], continuing: bool = False) -> PendingDecode:
+        """Launches a decode step of plain-sampling sequences without waiting for it. ``continuing``: the
+        same sequences, in the same order, as the step before, whose tokens the host does not know yet:
+        each row's input token is taken on the device from that step's output."""
+        logits, tokens = self.call("decode", *self.decode_inputs_for(seqs, continuing))
+        if self.device.type != "cuda":
+            return PendingDecode(seqs, tokens, None)
+        host = self.host_tokens[self.host_side, :len(seqs)]
+        host.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return PendingDecode(seqs, host, done)
+
+    def finish_decode(self, pending: PendingDecode) -> list[int]:
+        """Waits for a launched decode step: its tokens (the step's one synchronisation)."""
+        if pending.done is not None:
+            pending.done.synchronize()
+        return pending.tokens.tolist()
+
+    def decode_inputs_for(self, seqs: list[Sequence], continuing: bool):
+        """``decode``'s arguments for ``seqs``: packed inputs, rows, block-table width, whether to replay."""
         graph_bs = self.graph_size(len(seqs))
         width = self.graph_width if graph_bs else max(len(seq.block_table) for seq in seqs)
-        packed = self.pack_decode(seqs, graph_bs or len(seqs), width)
-        logits, tokens = self.call("decode", packed, len(seqs), width, graph_bs is not None)
-        if self.logits_log is None and all(seq.plain_sampling for seq in seqs):
-            return tokens.tolist(), None, None
-        return *self.sample(seqs, logits), None
+        return self.pack_decode(seqs, graph_bs or len(seqs), width, continuing), len(seqs), width, graph_bs is not None
 
     def sample(self, seqs: list[Sequence], logits):
         """Each sequence's next token from its row of ``logits`` (fp32), after the penalties and bans
@@ -302,12 +338,14 @@ class ModelRunner:
             return None
         return next((bs for bs in self.graphs if bs >= batch), None)
 
-    def pack_decode(self, seqs: list[Sequence], bs: int, width: int) -> np.ndarray:
+    def pack_decode(self, seqs: list[Sequence], bs: int, width: int, continuing: bool = False) -> np.ndarray:
         """The decode step's inputs (``DECODE_FIELDS`` and the block table) for ``bs`` rows, the rows past
-        the sequences padded to write no KV and read one key, in this rank's pinned staging buffer: a few
-        whole-array operations, not one per sequence and field."""
-        n, block = len(seqs), self.block_size
-        packed = self.host_decode[:decode_size(bs, width)]
+        the sequences padded to write no KV and read one key, in the next of this rank's two pinned staging
+        buffers: a few whole-array operations, not one per sequence and field. ``continuing``: each
+        sequence also has the token the step in flight samples for it (see ``launch_decode``)."""
+        n, block, ahead = len(seqs), self.block_size, int(continuing)
+        self.host_side ^= 1
+        packed = self.host_decode[self.host_side, :decode_size(bs, width)]
         head = packed[:len(DECODE_FIELDS) * bs].reshape(len(DECODE_FIELDS), bs)
         tables = packed[len(DECODE_FIELDS) * bs:].reshape(bs, width)
         head[:, n:] = DECODE_PADDING[:, None]
@@ -318,13 +356,13 @@ class ModelRunner:
         rows = np.repeat(np.arange(n), counts)
         tables[rows, np.arange(rows.size) - np.repeat(np.cumsum(counts) - counts, counts)] = list(
             chain.from_iterable(seq.block_table for seq in seqs))
-        lengths = [len(seq.token_ids) for seq in seqs]
+        lengths = [len(seq.token_ids) + ahead for seq in seqs]
         slots = [seq.block_table[(m - 1) // block] * block + (m - 1) % block for seq, m in zip(seqs, lengths)]
         seeds = np.array([seq.seed for seq in seqs], np.int64)
-        head[:, :n] = [[seq.token_ids[-1] for seq in seqs], [m - 1 for m in lengths], slots, lengths,
-                       np.array([seq.sampling_params.temperature for seq in seqs], np.float32).view(np.int32),
+        head[:, :n] = [[0] * n if continuing else [seq.token_ids[-1] for seq in seqs], [m - 1 for m in lengths], slots,
+                       lengths, np.array([seq.sampling_params.temperature for seq in seqs], np.float32).view(np.int32),
                        seeds.astype(np.int32), (seeds >> 32).astype(np.int32),  # the device masks both halves
-                       [seq.num_completion_tokens for seq in seqs]]
+                       [seq.num_completion_tokens + ahead for seq in seqs], [ahead] * n]
         return packed
 
     @torch.inference_mode()
@@ -336,7 +374,8 @@ class ModelRunner:
             logits, tokens = self.decode_forward(torch.from_numpy(packed).to(self.device), bs, width)
         else:
             if np.shares_memory(packed, self.host_decode):  # rank 0's pinned buffer: an asynchronous copy
-                self.decode_inputs[:packed.size].copy_(self.host_decode_pinned[:packed.size], non_blocking=True)
+                self.decode_inputs[:packed.size].copy_(self.host_decode_pinned[self.host_side, :packed.size],
+                                                       non_blocking=True)
             else:
                 self.decode_inputs[:packed.size].copy_(torch.from_numpy(packed))
             self.graphs[bs].replay()
@@ -351,8 +390,9 @@ class ModelRunner:
         set_context(is_prefill=False, cu_seqlens_q=self.decode_cu_seqlens[:bs + 1], seqlens_k=f["seqlens_k"],
                     max_seqlen_q=1, max_seqlen_k=self.config.max_model_len, slot_mapping=f["slot_mapping"],
                     block_tables=f["block_tables"])
+        input_ids = torch.where(f["from_previous"] != 0, self.last_tokens[:bs].int(), f["input_ids"])
         try:
-            hidden, residual = self.model(f["input_ids"], f["positions"])
+            hidden, residual = self.model(input_ids, f["positions"])
         finally:
             reset_context()
         logits = self.model.compute_logits(hidden, residual)
@@ -360,7 +400,9 @@ class ModelRunner:
             return None, None
         logits = logits.float()
         keys = noise_keys_of_halves(f["seed_low"], f["seed_high"], f["steps"])
-        return logits, kernels.gumbel_argmax(logits, f["temperature_bits"].view(torch.float32), keys)
+        tokens = kernels.gumbel_argmax(logits, f["temperature_bits"].view(torch.float32), keys)
+        self.last_tokens[:bs].copy_(tokens)
+        return logits, tokens
 
     def process_logits(self, logits, rows: list[int], seqs: list[Sequence]):
         """Applies the penalties and the min_tokens bans that the sequences of ``rows`` ask for, in place."""

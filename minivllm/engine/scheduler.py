@@ -80,6 +80,25 @@ class Scheduler:
                 seqs.append(seq)
         return seqs, [1] * len(seqs), False
 
+    def continue_decode(self, seqs: list[Sequence]) -> bool:
+        """Whether the decode step after one still in flight for ``seqs`` (whose new tokens are not known
+        yet) can be scheduled now, as the step ``schedule`` would give: the same sequences, all running and
+        nothing waiting, none ending by length at the step in flight, and the blocks for one more token
+        each free without preempting; if so, reserves them. A sequence that the tokens still to come
+        finish (EOS, a stop token or string) computes one token too many, which ``postprocess`` drops."""
+        if self.waiting or len(self.running) != len(seqs) or any(a is not b for a, b in zip(self.running, seqs)):
+            return False
+        max_len = self.stop_checker.max_model_len
+        if any(seq.num_completion_tokens + 1 >= seq.sampling_params.max_tokens or seq.num_tokens + 1 >= max_len
+               for seq in seqs):
+            return False
+        bm = self.block_manager
+        if sum(bm.blocks_needed(seq, seq.num_tokens + 1) for seq in seqs) > bm.num_free_blocks:
+            return False
+        for seq in seqs:
+            bm.allocate(seq, seq.num_tokens + 1)
+        return True
+
     def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
         """Make room for ``seq`` to hold ``num_tokens`` tokens, preempting the newest others."""
         bm = self.block_manager
@@ -106,6 +125,8 @@ class Scheduler:
         finished in it."""
         finished = []
         for i, (seq, n, token) in enumerate(zip(seqs, num_new, next_tokens)):
+            if seq.status == SequenceStatus.FINISHED:  # by the step before, while this one was in flight
+                continue
             seq.num_computed_tokens += n
             self.block_manager.register_computed_blocks(seq)
             if prompt_logprobs is not None and prompt_logprobs[i] is not None:
