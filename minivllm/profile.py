@@ -79,8 +79,9 @@ def instrument(llm: LLM):
                (kernels, "rmsnorm_qkv_rope_store", "mv::fused_norm_linear::input_layernorm+qkv+qknorm+rope+kv_store"),
                (kernels, "rmsnorm_linear", lambda *a, **kw: ("mv::fused_norm_linear::post_attention_layernorm+"
                                                              "gate_up+silu_mul" if kw.get("silu_mul") else "mv::x"))]
-    sampler = llm.model_runner.sampler
-    patches.append((sampler, "forward", "mv::other::sampler"))
+    # Decode steps sample in the step itself (kernels.gumbel_argmax); the others through the Sampler.
+    patches += [(llm.model_runner.sampler, "forward", "mv::other::sampler"),
+                (kernels, "gumbel_argmax", "mv::other::sampler")]
     for obj, attr, label in patches:
         orig = getattr(obj, attr)
         setattr(obj, attr, labelled(orig, label))

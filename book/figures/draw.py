@@ -1,10 +1,11 @@
-"""Draws the book's four diagrams into book/figures/ (SVG). Diagrams, not measurements: no number in
+"""Draws the book's five diagrams into book/figures/ (SVG). Diagrams, not measurements: no number in
 them comes from a run; the sizes in them (block size 4, three requests) are picked to be readable.
 
     .venv/bin/python book/figures/draw.py
 
-Writes kv_cache_block_table.svg, prefix_cache_hash_chain.svg, fused_kernel_dataflow.svg and
-decode_timeline_overlap.svg next to this file. The drawn files are committed; rerun after a change.
+Writes kv_cache_block_table.svg, prefix_cache_hash_chain.svg, fused_kernel_dataflow.svg,
+decode_timeline_overlap.svg and decode_step_pipeline.svg next to this file. The drawn files are
+committed; rerun after a change.
 """
 from pathlib import Path
 
@@ -240,8 +241,47 @@ def decode_timeline_overlap():
     save(fig, "decode_timeline_overlap.svg")
 
 
+def decode_step_pipeline():
+    """The host's work per decode step against the GPU's: in turn, or the next step prepared under this one."""
+    prep, gpu, take = 1.7, 4.0, 1.0  # schedule + pack + launch; one graph replay; tokens and stop checks
+    fig, axes = plt.subplots(2, 1, figsize=(12, 3.8), sharex=True)
+
+    def host(ax, t, w, text, c):
+        box(ax, t, 1.1, w, 0.6, text, fc=c, ec=c, color="white", fontsize=7.5)
+
+    for ax, overlap in zip(axes, (False, True)):
+        if not overlap:  # prepare, run, take the tokens, in turn
+            for n in range(3):
+                t = n * (prep + gpu + take)
+                host(ax, t, prep, f"prepare {n + 1}", "#4C72B0")
+                box(ax, t + prep, 0.2, gpu, 0.6, f"step {n + 1}", fc="#DD8452", ec="#DD8452", color="white", fontsize=8)
+                host(ax, t + prep + gpu, take, f"take {n + 1}", "#55A868")
+        else:  # step n + 1 is prepared and launched before the host waits for step n's tokens
+            host(ax, 0, prep, "prepare 1", "#4C72B0")
+            gpu_end, t = prep, prep
+            for n in range(4):
+                box(ax, gpu_end, 0.2, gpu, 0.6, f"step {n + 1}", fc="#DD8452", ec="#DD8452", color="white", fontsize=8)
+                host(ax, t, prep, f"prepare {n + 2}", "#4C72B0")
+                gpu_end += gpu
+                host(ax, gpu_end, take, f"take {n + 1}", "#55A868")  # waits for step n + 1 to end
+                t = gpu_end + take
+        ax.text(-0.2, 1.4, "host", ha="right", va="center", fontsize=9)
+        ax.text(-0.2, 0.5, "GPU", ha="right", va="center", fontsize=9)
+        ax.set_xlim(-1.2, 21)
+        ax.set_ylim(0, 2.1)
+        ax.axis("off")
+        ax.set_title("synchronous: the GPU idles while the host takes a step's tokens and prepares the next"
+                     if not overlap else "overlapped (generate's loop): step N+1 is prepared and launched, its input "
+                     "tokens read on the GPU from step N's output, before the host waits for step N", fontsize=9.5,
+                     loc="left")
+    fig.text(0.5, -0.02, "Diagram, no measurement: bar lengths are illustrative.", ha="center", fontsize=8,
+             color="#666666")
+    fig.tight_layout()
+    save(fig, "decode_step_pipeline.svg")
+
 if __name__ == "__main__":
     kv_cache_block_table()
     prefix_cache_hash_chain()
     fused_kernel_dataflow()
     decode_timeline_overlap()
+    decode_step_pipeline()
