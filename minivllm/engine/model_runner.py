@@ -6,11 +6,14 @@ With tensor parallelism every rank has a ModelRunner over its shard of the model
 cache. Rank 0 sends each call (method name and args) to the others before running it
 itself (``call``); they run the calls in ``loop`` until ``exit``.
 """
+import functools
 import gc
 import signal
 import threading
 
 import torch
+
+from kernels.guard import pdl
 
 from minivllm import distributed
 from minivllm.config import Config
@@ -27,6 +30,16 @@ from minivllm.sampling_params import SamplingParams
 
 def cuda_graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return [bs for bs in (1, 2, 4, 8) if bs < max_num_seqs] + list(range(16, max_num_seqs + 16, 16))
+
+
+def with_pdl_setting(method):
+    """Runs a ModelRunner method with the engine's ``Config.pdl`` in force for the kernels it launches
+    (CUDA graphs keep the launch attributes they were captured with)."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with pdl(self.config.pdl):
+            return method(self, *args, **kwargs)
+    return run
 
 
 class ModelRunner:
@@ -205,6 +218,7 @@ class ModelRunner:
         return None if logits is None else logits[:batch]
 
     @torch.inference_mode()
+    @with_pdl_setting
     def compute_logits(self, input_ids: list[int], positions: list[int], ctx: dict, logit_rows=None):
         """Runs a prepared step on this rank: on rank 0 the logits of each sequence's last token
         (or of the token rows ``logit_rows``), None on the others."""
@@ -219,6 +233,7 @@ class ModelRunner:
         return None if logits is None else logits.float()
 
     @torch.inference_mode()
+    @with_pdl_setting
     def run(self, seqs: list[Sequence], num_new: list[int], is_prefill: bool):
         """Computes ``num_new`` tokens of each sequence. Returns each one's next token (None for a
         sequence whose prompt is not yet fully computed); the new token's logprobs for each
@@ -291,6 +306,7 @@ class ModelRunner:
         self.cuda_graphs_enabled = enabled
 
     @torch.inference_mode()
+    @with_pdl_setting
     def capture_cudagraphs(self):
         """One graph per decode batch size: a replay launches the whole forward at once."""
         config = self.config
