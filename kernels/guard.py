@@ -59,16 +59,15 @@ def pdl(enabled: bool):
 
 
 @functools.cache
-def _compute_capability(device: torch.device) -> int:
-    major, _ = torch.cuda.get_device_capability(device)
-    return major
+def _has_pdl(device: torch.device) -> bool:
+    # ROCm builds report their GPUs as "cuda" too, with AMD's own version numbers: no PDL there.
+    return torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def pdl_enabled(t: torch.Tensor) -> bool:
     """Whether kernels on ``t`` launch with PDL: CUDA with compute capability >= 9, compiled Triton (the
     interpreter has no grid dependencies), and not switched off (``pdl``, ``KERNELS_PDL``)."""
-    return (PDL_ALLOWED and _pdl_on.get() and t.is_cuda and HAVE_TRITON and not INTERPRET
-            and _compute_capability(t.device) >= 9)
+    return PDL_ALLOWED and _pdl_on.get() and t.is_cuda and HAVE_TRITON and not INTERPRET and _has_pdl(t.device)
 
 
 @triton.jit
