@@ -173,7 +173,8 @@ def test_pdl_switch():
     if not torch.cuda.is_available():
         return
     t = torch.empty(0, device="cuda")
-    supported = guard.PDL_ALLOWED and not guard.INTERPRET and torch.cuda.get_device_capability()[0] >= 9
+    supported = (guard.PDL_ALLOWED and not guard.INTERPRET and torch.version.hip is None
+                 and torch.cuda.get_device_capability()[0] >= 9)
     assert guard.pdl_enabled(t) == supported
     assert guard.pdl_launch(t) == ({"USE_PDL": True, "launch_pdl": True} if supported else {"USE_PDL": False})
     assert guard.pdl_launch(t, wanted=False) == {"USE_PDL": False}
