@@ -67,15 +67,15 @@ FLOATS = {"eps", "qk_eps", "scale_log2e", "MIN_T"}
 
 
 def compile_for_sm90(kernel, constexprs, pointers, num_warps, num_stages=3):
-    """(PTX, cubin) of ``kernel`` for sm_90. Pointers, strides and sizes are 16-divisible, as the launcher
-    specializes them at these shapes: without that nothing vectorizes."""
+    """(PTX, cubin) of ``kernel`` for sm_90. Pointers, strides and the sizes N, K, D, V are 16-divisible, as
+    the launcher specializes them at these shapes: without that nothing vectorizes."""
     from triton import compile as triton_compile
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     names = kernel.arg_names
     signature = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n in FLOATS else "i32")
                  for n in names}
-    aligned = [n for n in names if n not in constexprs and n not in FLOATS]
+    aligned = [n for n in names if n in pointers or n.startswith("stride") or n in ("N", "K", "D", "V")]
     src = ASTSource(kernel, signature, {(names.index(n),): v for n, v in constexprs.items()},
                     {(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
     try:
