@@ -24,8 +24,9 @@ Writes ``<out>/kernels-<gpu slug>.json`` and prints a table. Implementations (bf
                       pass) against its eager torch reference; the floor is one read of the logits
   pdl_chain           (--pdl) programmatic dependent launch (kernels.guard) on and off: chains of
                       PDL_LAYERS * 4 M=1 GEMVs of one Qwen3-0.6B shape each (own weights, so HBM
-                      reads), one CUDA graph per chain; ``pdl_fit`` rows fit us per kernel = a +
-                      bytes / B over the shapes, a being the fixed cost per kernel that PDL overlaps.
+                      reads; configs pinned: PDL_GEMV_CONFIGS), one CUDA graph per chain;
+                      ``pdl_fit`` rows fit us per kernel = a + bytes / B over the shapes, a being the
+                      fixed cost per kernel that PDL overlaps.
                       ``pdl_layer_chain``: the four shapes as a decode layer runs them, each GEMV
                       reading the previous one's output, with the result checked against no PDL
 
@@ -302,12 +303,27 @@ def bench_sampler(rep):
 
 
 PDL_LAYERS = 14  # x 4 GEMVs: 56-kernel chains, half the 113 weight-streaming kernels of a 0.6B decode step
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMV per shape: the H100 autotuner's choices at M = 1
+# (kernels-decode-nvidia-h100-80gb-hbm3.json). Fixed, so that the chains autotune nothing (seconds of
+# compiling on the GPU box) and both settings run the same configs.
+PDL_GEMV_CONFIGS = {"qkv": (8, 512, 4, 3), "gate_up": (16, 512, 8, 3), "o_proj": (16, 1024, 8, 2),
+                    "down": (16, 1024, 8, 2)}
+
+
+def pinned_gemv(shape, x, w):
+    """fusion="full"'s GEMV for one shape at its pinned config: norm + linear for qkv (rmsnorm_linear's
+    kernel; the engine's split-K qkv kernel needs a KV cache and takes the same PDL path), with SiLU * up
+    for gate_up, no norm (``linear``) for o_proj and down. PDL as ``kernels.guard`` says."""
+    block_n, block_k, num_warps, num_stages = PDL_GEMV_CONFIGS[shape]
+    return launch(rmsnorm_linear_kernel, x, w, EPS, None, w.shape[0] if shape in ("o_proj", "down") else 0,
+                  silu_mul=shape == "gate_up", BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=1, GEMV=True,
+                  num_warps=num_warps, num_stages=num_stages)
 
 
 def pdl_layer_chain(model, layers):
     """A run of ``layers`` decode layers' GEMVs at one row without attention, each reading the previous
-    one's output: gate_up + SiLU * up, down, a qkv-shaped rmsnorm_linear, o_proj on its first Hq * D
-    columns. Returns the function that runs them."""
+    one's output: gate_up + SiLU * up, down, qkv, o_proj on qkv's first Hq * D columns. Returns the
+    function that runs them."""
     d, q = model.hidden, model.num_q_heads * model.head_dim
     n_qkv = q + 2 * model.num_kv_heads * model.head_dim
 
@@ -321,19 +337,17 @@ def pdl_layer_chain(model, layers):
     def run():
         h = x
         for gate_up, down, qkv, o_proj in weights:
-            h = linear(rmsnorm_linear(h, gate_up, EPS, silu_mul=True), down)
-            h = linear(rmsnorm_linear(h, qkv, EPS)[:, :q], o_proj)
+            h = pinned_gemv("down", pinned_gemv("gate_up", h, gate_up), down)
+            h = pinned_gemv("o_proj", pinned_gemv("qkv", h, qkv)[:, :q], o_proj)
         return h
     return run
 
 
 def pdl_shape_chain(op, length):
-    """``length`` M=1 launches of one shape's kernel as fusion="full" runs it, each on its own weights."""
+    """``length`` M=1 GEMVs of one shape, each on its own weights."""
     x = torch.randn(1, op.K, device="cuda", dtype=DTYPE)
     weights = [(torch.randn(op.N, op.K, device="cuda") * op.K**-0.5).to(DTYPE) for _ in range(length)]
-    call = {"qkv": lambda w: rmsnorm_linear(x, w, EPS), "gate_up": lambda w: rmsnorm_linear(x, w, EPS, silu_mul=True),
-            "o_proj": lambda w: linear(x, w), "down": lambda w: linear(x, w)}[op.op]
-    return lambda: [call(w) for w in weights]
+    return lambda: [pinned_gemv(op.op, x, w) for w in weights]
 
 
 def fit_fixed_cost(points):
@@ -345,9 +359,7 @@ def fit_fixed_cost(points):
 
 
 def bench_pdl(rep, layers=PDL_LAYERS):
-    """PDL on and off (``kernels.guard.pdl``) for chains of M=1 GEMVs in one CUDA graph each. The qkv
-    shape runs rmsnorm_linear's GEMV, not the engine's split-K qkv kernel (which needs a KV cache): both
-    take the same PDL path, ``_norm_matmul``'s."""
+    """PDL on and off (``kernels.guard.pdl``) for chains of M=1 GEMVs (``pinned_gemv``) in one CUDA graph each."""
     def impl(on):
         return "pdl" if on else "no_pdl"
 
@@ -360,12 +372,13 @@ def bench_pdl(rep, layers=PDL_LAYERS):
         weight_bytes = op.N * op.K * DTYPE.itemsize
         for on in (False, True):
             with pdl(on):
-                chain()  # autotunes (once for both) and compiles this USE_PDL variant outside the capture
+                chain()  # compiles this USE_PDL variant outside the capture
                 us = time_us(lambda s: chain(), [None], rep) / length
             points[on].append((weight_bytes, us))
             rows.append({"op": "pdl_chain", "impl": impl(on), "model": model.name, "shape": op.op, "M": 1, "N": op.N,
                          "K": op.K, "dtype": "bf16", "pdl": on, "kernels": length, "weight_bytes": weight_bytes,
-                         "us_per_kernel": us})
+                         "us_per_kernel": us, "config": dict(zip(("BLOCK_N", "BLOCK_K", "num_warps", "num_stages"),
+                                                                 PDL_GEMV_CONFIGS[op.op]))})
             print(f"  pdl={on!s:<5} {op.op:<8} {length} x {op.N} x {op.K}: {us:7.2f} us per kernel", flush=True)
         del chain
         torch.cuda.empty_cache()
