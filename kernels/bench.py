@@ -33,7 +33,8 @@ Writes ``<out>/kernels-<gpu slug>.json`` and prints a table. Implementations (bf
 And the projections with no norm before them (o_proj, down): ``kernels.linear`` as dispatched
 (fused), its GEMV kernel forced (fused_gemv) and cuBLAS (cublas_linear_only).
 
-Times are medians of ``triton.testing.do_bench_cudagraph`` (launch overhead excluded).
+Times are medians of ``triton.testing.do_bench_cudagraph`` (launch overhead excluded), without
+programmatic dependent launch except in the pdl rows.
 Inputs are random; when one set of inputs would fit in L2 several sets are rotated so
 each call reads W from HBM, as in a real forward pass. Floors use the copy bandwidth and bf16
 matmul rate measured at the start of the run (``minivllm.costs.measure_ceilings``).
@@ -497,22 +498,25 @@ def main(argv=None):
                      dispatch={"GEMV_MAX_M": rl.GEMV_MAX_M, "CUBLAS_MIN_M": rl.CUBLAS_MIN_M, "SMALL_M": rl.SMALL_M},
                      autotuned=autotuned_configs())
     ms = args.ms if args.ms is not None else (QUICK_MS if args.quick else MS)
-    for model in models:
-        for op, bench in [(op, bench_op) for op in ops(model)] + [(op, bench_linear) for op in linear_ops(model)]:
-            for M in ms_for(op, ms):
-                op_rows = bench(op, M, rep)
-                rows += op_rows
-                fused = op_rows[0]
-                print(f"{time.time() - start:6.0f}s {op.model} {op.op} M={M}: fused {fused['us_median']:.2f} us "
-                      f"(floor {fused['floor_us']:.2f}), err {fused['rel_err_vs_fp64']:.2e}", flush=True)
-                torch.cuda.empty_cache()
-        save()
-    if args.sweep:
-        rows += sweep(rep, models)
-        save()
-    if args.sampler:
-        rows += bench_sampler(rep)
-        save()
+    # Per-kernel rows without PDL, comparable with the runs before it: the timing graph repeats one call,
+    # and with PDL each launch would overlap the previous one's tail. bench_pdl measures that overlap.
+    with pdl(False):
+        for model in models:
+            for op, bench in [(op, bench_op) for op in ops(model)] + [(op, bench_linear) for op in linear_ops(model)]:
+                for M in ms_for(op, ms):
+                    op_rows = bench(op, M, rep)
+                    rows += op_rows
+                    fused = op_rows[0]
+                    print(f"{time.time() - start:6.0f}s {op.model} {op.op} M={M}: fused {fused['us_median']:.2f} us "
+                          f"(floor {fused['floor_us']:.2f}), err {fused['rel_err_vs_fp64']:.2e}", flush=True)
+                    torch.cuda.empty_cache()
+            save()
+        if args.sweep:
+            rows += sweep(rep, models)
+            save()
+        if args.sampler:
+            rows += bench_sampler(rep)
+            save()
     if args.pdl:
         rows += bench_pdl(rep)
         save()

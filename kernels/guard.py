@@ -50,8 +50,10 @@ _pdl_on = contextvars.ContextVar("kernels_pdl", default=True)
 
 @contextlib.contextmanager
 def pdl(enabled: bool):
-    """Within the block, kernels launch with PDL only if ``enabled`` (and where ``pdl_enabled`` allows)."""
-    token = _pdl_on.set(enabled)
+    """Within the block, kernels launch with PDL only if ``enabled`` (and where ``pdl_enabled`` allows). It
+    can turn PDL off, not back on: ``pdl(True)`` inside a ``pdl(False)`` block (an engine's setting within
+    a profile's PDL-free breakdown) keeps it off."""
+    token = _pdl_on.set(enabled and _pdl_on.get())
     try:
         yield
     finally:

@@ -118,3 +118,14 @@ def test_pdl_is_off_on_cpu():
     cpu = torch.empty(0)
     assert not guard.pdl_enabled(cpu)
     assert guard.pdl_launch(cpu) == {"USE_PDL": False}
+
+
+@runs_kernels
+def test_an_inner_pdl_block_cannot_turn_pdl_back_on(pdl_waits):
+    """The engine's ``pdl(Config.pdl)`` inside the profile's ``pdl(False)`` breakdown launches without PDL."""
+    op = CASES["gemv_residual"]()
+    with guard.pdl(False), guard.pdl(True):
+        assert not guard.pdl_enabled(torch.empty(0, device=DEVICE))
+        op()
+    if pdl_waits is not None:
+        assert not pdl_waits
