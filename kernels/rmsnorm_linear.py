@@ -338,8 +338,8 @@ def precision(dtype: torch.dtype) -> str:
 
 
 def launch(kernel, x, w_folded, eps, residual, rms_cols_start, silu_mul=False, **meta):
-    """Run ``kernel`` (an autotuner or the bare kernel with full meta) on checked inputs. ``meta`` may
-    set USE_PDL itself (the bench, the tests); else ``kernels.guard.pdl_launch`` decides."""
+    """Run ``kernel`` (an autotuner or the bare kernel with full meta) on checked inputs; with PDL where
+    ``kernels.guard.pdl_launch`` says (USE_PDL and launch_pdl go together: ``meta`` cannot set them)."""
     m, k = x.shape
     n = w_folded.shape[0] // 2 if silu_mul else w_folded.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -361,8 +361,9 @@ def launch(kernel, x, w_folded, eps, residual, rms_cols_start, silu_mul=False, *
         HAS_RESIDUAL=residual is not None,
         SILU_MUL=silu_mul,
         PRECISION=precision(x.dtype),
+        **{"GEMV": False, **meta},
         # PDL only on the GEMV rows (the decode step at one row): the tl.dot paths keep their K loop whole.
-        **{"GEMV": False, **pdl_launch(x, meta.get("GEMV", False)), **meta},
+        **pdl_launch(x, meta.get("GEMV", False)),
     )
     return y if residual is None else (y, h)
 
