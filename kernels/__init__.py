@@ -3,11 +3,13 @@ following linear layer (weight folded once at load time; optionally with SwiGLU'
 SiLU(gate) * up in the epilogue), and the qkv projection fused with QK-norm, RoPE and the
 paged KV-cache store; a no-norm GEMV ``linear`` for the decode step's other projections; and the
 unfused engine's one-kernel RoPE (``rope``) and SiLU*up (``silu_mul``); temperature sampling in one
-pass over the logits (``gumbel_argmax``).
+pass over the logits (``gumbel_argmax``); the token embedding's gather (``embedding``). The kernels of the decode
+step at one row launch with programmatic dependent launch where the GPU has it (``kernels.guard``).
 
 Only torch is needed to import this package: without Triton (or on CPU tensors without
 ``TRITON_INTERPRET=1``) every op runs its plain-torch reference; CUDA tensors then raise.
 """
+from kernels.embedding import embedding, embedding_ref
 from kernels.rmsnorm import add_rmsnorm, add_rmsnorm_ref, rmsnorm, rmsnorm_ref
 from kernels.rmsnorm_linear import fold_rmsnorm_weight, linear, rmsnorm_linear, rmsnorm_linear_ref
 from kernels.rmsnorm_qkv import rmsnorm_qkv_rope_store, rmsnorm_qkv_rope_store_ref
@@ -25,6 +27,7 @@ __all__ = [
     "rope",
     "silu_mul",
     "gumbel_argmax",
+    "embedding",
     "rmsnorm_ref",
     "add_rmsnorm_ref",
     "rmsnorm_linear_ref",
@@ -32,4 +35,5 @@ __all__ = [
     "rope_ref",
     "silu_mul_ref",
     "gumbel_argmax_ref",
+    "embedding_ref",
 ]

@@ -22,11 +22,19 @@ Writes ``<out>/kernels-<gpu slug>.json`` and prints a table. Implementations (bf
   sweep               (--sweep) the decode kernel at M=1 on a BLOCK_N x BLOCK_K grid
   sampler             (--sampler) temperature sampling of [M, vocab] fp32 logits: gumbel_argmax (one
                       pass) against its eager torch reference; the floor is one read of the logits
+  pdl_chain           (--pdl) programmatic dependent launch (kernels.guard) on and off: chains of
+                      PDL_LAYERS * 4 M=1 GEMVs of one Qwen3-0.6B shape each (own weights, so HBM
+                      reads; configs pinned: PDL_GEMV_CONFIGS), one CUDA graph per chain;
+                      ``pdl_fit`` rows fit us per kernel = a + bytes / B over the shapes, a being the
+                      fixed cost per kernel that PDL overlaps.
+                      ``pdl_layer_chain``: the four shapes as a decode layer runs them, each GEMV
+                      reading the previous one's output, with the result checked against no PDL
 
 And the projections with no norm before them (o_proj, down): ``kernels.linear`` as dispatched
 (fused), its GEMV kernel forced (fused_gemv) and cuBLAS (cublas_linear_only).
 
-Times are medians of ``triton.testing.do_bench_cudagraph`` (launch overhead excluded).
+Times are medians of ``triton.testing.do_bench_cudagraph`` (launch overhead excluded), without
+programmatic dependent launch except in the pdl rows.
 Inputs are random; when one set of inputs would fit in L2 several sets are rotated so
 each call reads W from HBM, as in a real forward pass. Floors use the copy bandwidth and bf16
 matmul rate measured at the start of the run (``minivllm.costs.measure_ceilings``).
@@ -44,7 +52,7 @@ import triton
 from triton.runtime.errors import OutOfResources
 from triton.testing import do_bench, do_bench_cudagraph
 
-from kernels.guard import autotuned_configs
+from kernels.guard import autotuned_configs, pdl
 from kernels.paged_attention import store_kvcache
 from kernels.rmsnorm import rmsnorm, rmsnorm_ref
 from kernels.rmsnorm_qkv import QKV_PATHS, kernel_for as qkv_kernel_for, rmsnorm_qkv_rope_store
@@ -295,6 +303,114 @@ def bench_sampler(rep):
     return rows
 
 
+PDL_LAYERS = 14  # x 4 GEMVs: 56-kernel chains, half the 113 weight-streaming kernels of a 0.6B decode step
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMV per shape: the H100 autotuner's choices at M = 1
+# (kernels-decode-nvidia-h100-80gb-hbm3.json). Fixed, so that the chains autotune nothing (seconds of
+# compiling on the GPU box) and both settings run the same configs.
+PDL_GEMV_CONFIGS = {"qkv": (8, 512, 4, 3), "gate_up": (16, 512, 8, 3), "o_proj": (16, 1024, 8, 2),
+                    "down": (16, 1024, 8, 2)}
+
+
+def pinned_gemv(shape, x, w):
+    """fusion="full"'s GEMV for one shape at its pinned config: norm + linear for qkv (rmsnorm_linear's
+    kernel; the engine's split-K qkv kernel needs a KV cache and takes the same PDL path), with SiLU * up
+    for gate_up, no norm (``linear``) for o_proj and down. PDL as ``kernels.guard`` says."""
+    block_n, block_k, num_warps, num_stages = PDL_GEMV_CONFIGS[shape]
+    return launch(rmsnorm_linear_kernel, x, w, EPS, None, w.shape[0] if shape in ("o_proj", "down") else 0,
+                  silu_mul=shape == "gate_up", BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=1, GEMV=True,
+                  num_warps=num_warps, num_stages=num_stages)
+
+
+def pdl_layer_chain(model, layers):
+    """A run of ``layers`` decode layers' GEMVs at one row without attention, each reading the previous
+    one's output: gate_up + SiLU * up, down, qkv, o_proj on qkv's first Hq * D columns. Returns the
+    function that runs them."""
+    d, q = model.hidden, model.num_q_heads * model.head_dim
+    n_qkv = q + 2 * model.num_kv_heads * model.head_dim
+
+    def weight(n, k):
+        return (torch.randn(n, k, device="cuda") * k**-0.5).to(DTYPE)
+
+    weights = [(weight(2 * model.intermediate, d), weight(d, model.intermediate), weight(n_qkv, d), weight(d, q))
+               for _ in range(layers)]
+    x = torch.randn(1, d, device="cuda", dtype=DTYPE)
+
+    def run():
+        h = x
+        for gate_up, down, qkv, o_proj in weights:
+            h = pinned_gemv("down", pinned_gemv("gate_up", h, gate_up), down)
+            h = pinned_gemv("o_proj", pinned_gemv("qkv", h, qkv)[:, :q], o_proj)
+        return h
+    return run
+
+
+def pdl_shape_chain(op, length):
+    """``length`` M=1 GEMVs of one shape, each on its own weights."""
+    x = torch.randn(1, op.K, device="cuda", dtype=DTYPE)
+    weights = [(torch.randn(op.N, op.K, device="cuda") * op.K**-0.5).to(DTYPE) for _ in range(length)]
+    return lambda: [pinned_gemv(op.op, x, w) for w in weights]
+
+
+def fit_fixed_cost(points):
+    """Least squares of us = a + bytes / B over (bytes, us) points: (a in us, B in TB/s)."""
+    mean_b = sum(b for b, _ in points) / len(points)
+    mean_t = sum(t for _, t in points) / len(points)
+    slope = sum((b - mean_b) * (t - mean_t) for b, t in points) / sum((b - mean_b) ** 2 for b, _ in points)
+    return mean_t - slope * mean_b, 1e-6 / slope
+
+
+def bench_pdl(rep, layers=PDL_LAYERS):
+    """PDL on and off (``kernels.guard.pdl``) for chains of M=1 GEMVs (``pinned_gemv``) in one CUDA graph each."""
+    def impl(on):
+        return "pdl" if on else "no_pdl"
+
+    model = MODELS[0]
+    shapes = [o for o in ops(model) if o.op in ("qkv", "gate_up")] + linear_ops(model)
+    length = 4 * layers
+    rows, points = [], {False: [], True: []}
+    for op in shapes:
+        chain = pdl_shape_chain(op, length)
+        weight_bytes = op.N * op.K * DTYPE.itemsize
+        for on in (False, True):
+            with pdl(on):
+                chain()  # compiles this USE_PDL variant outside the capture
+                us = time_us(lambda s: chain(), [None], rep) / length
+            points[on].append((weight_bytes, us))
+            rows.append({"op": "pdl_chain", "impl": impl(on), "model": model.name, "shape": op.op, "M": 1, "N": op.N,
+                         "K": op.K, "dtype": "bf16", "pdl": on, "kernels": length, "weight_bytes": weight_bytes,
+                         "us_per_kernel": us, "config": dict(zip(("BLOCK_N", "BLOCK_K", "num_warps", "num_stages"),
+                                                                 PDL_GEMV_CONFIGS[op.op]))})
+            print(f"  pdl={on!s:<5} {op.op:<8} {length} x {op.N} x {op.K}: {us:7.2f} us per kernel", flush=True)
+        del chain
+        torch.cuda.empty_cache()
+    for on in (False, True):
+        fixed, bandwidth = fit_fixed_cost(points[on])
+        rows.append({"op": "pdl_fit", "impl": impl(on), "model": model.name, "pdl": on, "fixed_us_per_kernel": fixed,
+                     "bandwidth_TBps": bandwidth, "points_bytes_us": points[on]})
+    chain = pdl_layer_chain(model, layers)
+    with pdl(False):
+        expected = chain()
+    for on in (False, True):
+        with pdl(on):
+            graph = torch.cuda.CUDAGraph()
+            chain()  # compiles outside the capture
+            with torch.cuda.graph(graph):
+                out = chain()
+            graph.replay()
+            us = time_us(lambda s: chain(), [None], rep)
+        rows.append({"op": "pdl_layer_chain", "impl": impl(on), "model": model.name, "pdl": on, "kernels": length,
+                     "us_total": us, "same_output_as_without_pdl": bool(torch.equal(out, expected))})
+    fits = {r["pdl"]: r for r in rows if r["op"] == "pdl_fit"}
+    chains = {r["pdl"]: r for r in rows if r["op"] == "pdl_layer_chain"}
+    for on in (False, True):
+        print(f"  pdl={on!s:<5} fit: {fits[on]['fixed_us_per_kernel']:5.2f} us per kernel + bytes / "
+              f"{fits[on]['bandwidth_TBps']:.2f} TB/s; layer chain {chains[on]['us_total']:8.1f} us "
+              f"({length} kernels), same output: {chains[on]['same_output_as_without_pdl']}", flush=True)
+    saved = (chains[False]["us_total"] - chains[True]["us_total"]) / length
+    print(f"  PDL saves {saved:.2f} us per kernel in the layer chain", flush=True)
+    return rows
+
+
 def sweep(rep, models):
     """The decode kernel at M=1 on the qkv shapes, one fixed config per point."""
     rows = []
@@ -350,6 +466,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help=f"M in {QUICK_MS} only, shorter timing")
     parser.add_argument("--sweep", action="store_true", help="add the BLOCK_N x BLOCK_K sweep at M=1")
     parser.add_argument("--sampler", action="store_true", help="add the sampler at the vocabulary (batch 1, 32, 256)")
+    parser.add_argument("--pdl", action="store_true", help=f"add GEMV chains ({4 * PDL_LAYERS} kernels in a CUDA "
+                                                             "graph) with programmatic dependent launch on and off")
     parser.add_argument("--out", default="data/results", help="output folder")
     parser.add_argument("--gemv-max-m", type=int, default=rl.GEMV_MAX_M, help="dispatch: GEMV up to this M")
     parser.add_argument("--cublas-min-m", type=int, default=rl.CUBLAS_MIN_M, help="dispatch: cuBLAS route from this M")
@@ -357,7 +475,7 @@ def main(argv=None):
                         help=f"forced paths to time besides the dispatched one (comma-separated, of {QKV_PATHS}; "
                              "empty: none)")
     parser.add_argument("--ms", type=lambda v: tuple(int(m) for m in v.split(",") if m),
-                        help="comma-separated M values (overrides --quick's; empty: none, e.g. with --sampler)")
+                        help="comma-separated M values (overrides --quick's; empty: none, e.g. with --sampler, --pdl)")
     parser.add_argument("--tag", default="", help="suffix of the result file's benchmark name, e.g. -decode")
     parser.add_argument("--models", type=lambda v: v.split(","), default=[m.preset for m in MODELS],
                         help=f"comma-separated presets, of {[m.preset for m in ALL_MODELS]}")
@@ -380,21 +498,27 @@ def main(argv=None):
                      dispatch={"GEMV_MAX_M": rl.GEMV_MAX_M, "CUBLAS_MIN_M": rl.CUBLAS_MIN_M, "SMALL_M": rl.SMALL_M},
                      autotuned=autotuned_configs())
     ms = args.ms if args.ms is not None else (QUICK_MS if args.quick else MS)
-    for model in models:
-        for op, bench in [(op, bench_op) for op in ops(model)] + [(op, bench_linear) for op in linear_ops(model)]:
-            for M in ms_for(op, ms):
-                op_rows = bench(op, M, rep)
-                rows += op_rows
-                fused = op_rows[0]
-                print(f"{time.time() - start:6.0f}s {op.model} {op.op} M={M}: fused {fused['us_median']:.2f} us "
-                      f"(floor {fused['floor_us']:.2f}), err {fused['rel_err_vs_fp64']:.2e}", flush=True)
-                torch.cuda.empty_cache()
-        save()
-    if args.sweep:
-        rows += sweep(rep, models)
-        save()
-    if args.sampler:
-        rows += bench_sampler(rep)
+    # Per-kernel rows without PDL, comparable with the runs before it: the timing graph repeats one call,
+    # and with PDL each launch would overlap the previous one's tail. bench_pdl measures that overlap.
+    with pdl(False):
+        for model in models:
+            for op, bench in [(op, bench_op) for op in ops(model)] + [(op, bench_linear) for op in linear_ops(model)]:
+                for M in ms_for(op, ms):
+                    op_rows = bench(op, M, rep)
+                    rows += op_rows
+                    fused = op_rows[0]
+                    print(f"{time.time() - start:6.0f}s {op.model} {op.op} M={M}: fused {fused['us_median']:.2f} us "
+                          f"(floor {fused['floor_us']:.2f}), err {fused['rel_err_vs_fp64']:.2e}", flush=True)
+                    torch.cuda.empty_cache()
+            save()
+        if args.sweep:
+            rows += sweep(rep, models)
+            save()
+        if args.sampler:
+            rows += bench_sampler(rep)
+            save()
+    if args.pdl:
+        rows += bench_pdl(rep)
         save()
     print_table(rows)
     print(f"\n{time.time() - start:.0f} s")

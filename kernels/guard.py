@@ -3,7 +3,18 @@
 CUDA tensors run Triton; CPU tensors run Triton's interpreter when ``TRITON_INTERPRET=1`` was set
 before this package was imported, else each op's torch reference. Without Triton (e.g. the book build)
 the package still imports for its references; CUDA tensors then raise.
+
+Programmatic dependent launch (PDL, compute capability >= 9): the kernels of the decode step at one row
+take a ``USE_PDL`` constexpr. With it they call ``gdc_launch_dependents`` on entry, so the next kernel
+in the stream may launch as soon as every program of this one has started, and ``gdc_wait`` before
+their first read of anything an earlier kernel wrote (the GEMVs issue their first W tiles before it:
+weights are never written). Each kernel's launch and prologue then run under its predecessor's tail.
+``pdl_launch`` gives a wrapper the launch arguments; ``pdl(False)`` turns it off for a block of code
+(the engine's ``Config.pdl``), ``KERNELS_PDL=0`` in the environment for the whole process.
 """
+import contextlib
+import contextvars
+import functools
 import os
 import types
 
@@ -31,6 +42,53 @@ except ImportError:
 INTERPRET = HAVE_TRITON and os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+PDL_ALLOWED = os.environ.get("KERNELS_PDL", "1") != "0"
+# A context variable, not a global: an engine's setting holds in its own thread only.
+_pdl_on = contextvars.ContextVar("kernels_pdl", default=True)
+
+
+@contextlib.contextmanager
+def pdl(enabled: bool):
+    """Within the block, kernels launch with PDL only if ``enabled`` (and where ``pdl_enabled`` allows). It
+    can turn PDL off, not back on: ``pdl(True)`` inside a ``pdl(False)`` block (an engine's setting within
+    a profile's PDL-free breakdown) keeps it off."""
+    token = _pdl_on.set(enabled and _pdl_on.get())
+    try:
+        yield
+    finally:
+        _pdl_on.reset(token)
+
+
+@functools.cache
+def _has_pdl(device: torch.device) -> bool:
+    # ROCm builds report their GPUs as "cuda" too, with AMD's own version numbers: no PDL there.
+    return torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def pdl_enabled(t: torch.Tensor) -> bool:
+    """Whether kernels on ``t`` launch with PDL: CUDA with compute capability >= 9, compiled Triton (the
+    interpreter has no grid dependencies), and not switched off (``pdl``, ``KERNELS_PDL``)."""
+    return PDL_ALLOWED and _pdl_on.get() and t.is_cuda and HAVE_TRITON and not INTERPRET and _has_pdl(t.device)
+
+
+@triton.jit
+def pdl_entry(USE_PDL: tl.constexpr):
+    """A PDL kernel's first step when it has nothing to prefetch: the next kernel may launch once every
+    program of this one has started, then wait until the previous kernel has completed (its writes
+    visible). Every program runs it, before any early exit: a kernel whose programs all skipped the wait
+    could complete before its predecessor, and its successor would read unfinished data."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+
+
+def pdl_launch(t: torch.Tensor, wanted: bool = True) -> dict:
+    """The launch arguments of a kernel with a ``USE_PDL`` constexpr, on ``t``'s device: ``launch_pdl``
+    goes to the launcher only with PDL on. ``wanted``: the call's path takes PDL at all."""
+    if wanted and pdl_enabled(t):
+        return {"USE_PDL": True, "launch_pdl": True}
+    return {"USE_PDL": False}
 
 
 def use_triton(t: torch.Tensor) -> bool:

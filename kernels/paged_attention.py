@@ -20,7 +20,7 @@ import functools
 
 import torch
 
-from kernels.guard import check_tensors, tl, triton, use_triton
+from kernels.guard import check_tensors, pdl_entry, pdl_launch, tl, triton, use_triton
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -145,7 +145,9 @@ def _paged_attention_kernel(
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DECODE: tl.constexpr, SPLIT: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_entry(USE_PDL)
     # A program owns BLOCK_M query rows: BLOCK_Q consecutive new tokens of one sequence times the GROUP query heads
     # of kv head program_id(1), so each K/V tile it loads serves the whole GQA group. It streams its share
     # (program_id(2) of num_splits) of the key tiles the rows can see, with an online softmax in fp32.
@@ -221,8 +223,9 @@ def _paged_attention_kernel(
 @triton.jit
 def _combine_splits_kernel(
     OUT, M_PART, L_PART, ACC_PART, num_splits, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, SPLITS_POW2: tl.constexpr,
+    HEAD_DIM: tl.constexpr, SPLITS_POW2: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_entry(USE_PDL)
     # One program per (token, query head): rescale each split's partial sums to the common max and add them.
     t = tl.program_id(0)
     h = tl.program_id(1)
@@ -315,12 +318,12 @@ def paged_attention(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_tables, 
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        DECODE=decode, SPLIT=num_splits > 1, num_warps=8 if block_m >= 128 else 4,
+        DECODE=decode, SPLIT=num_splits > 1, num_warps=8 if block_m >= 128 else 4, **pdl_launch(q),
     )
     if num_splits > 1:
         _combine_splits_kernel[(num_tokens, num_q_heads)](
             out, m_part, l_part, acc_part, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, SPLITS_POW2=triton.next_power_of_2(num_splits),
+            HEAD_DIM=head_dim, SPLITS_POW2=triton.next_power_of_2(num_splits), **pdl_launch(q),
         )
     return out
 

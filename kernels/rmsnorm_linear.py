@@ -37,7 +37,7 @@ up before CUDA-graph capture.
 """
 import torch
 
-from kernels.guard import INTERPRET, check_tensors, tl, triton, use_triton
+from kernels.guard import INTERPRET, check_tensors, pdl_launch, tl, triton, use_triton
 from kernels.rmsnorm import launch_rows
 from kernels.silu_mul import silu_mul as silu_mul_kernel
 
@@ -137,7 +137,7 @@ def _norm_matmul(
     X, R, H, W, offs_m, w_rows, w_rows_2, mask_n, M, k_start, K, h_rows,
     stride_xm, stride_rm, stride_hm,
     HAS_RESIDUAL: tl.constexpr, PAIRED: tl.constexpr, PRECISION: tl.constexpr, GEMV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """One pass over columns [k_start, K) (split-K programs pass their slice; k_start a multiple
     of BLOCK_K): ``h = x (+ residual)``, ``acc = h @ W[w_rows].T`` (and, when PAIRED,
@@ -148,6 +148,9 @@ def _norm_matmul(
     compute h for their dot, one writes it).
     GEMV (BLOCK_M = next power of two >= M, at most GEMV_MAX_ROWS): no tensor cores; W tiles are
     [BLOCK_N, BLOCK_K] (K fastest), multiplied by the h rows in fp32 and summed over K.
+    USE_PDL (``kernels.guard``): the first K step is peeled off the loop so that its W tile(s), which
+    no kernel writes, are loaded before ``gdc_wait``: their DRAM round trip runs under the previous
+    kernel's tail. x, the residual and h (which earlier kernels write or read) wait.
     """
     mask_m = offs_m < M
     mask_h = offs_m < h_rows
@@ -156,34 +159,66 @@ def _norm_matmul(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k in range(k_start, K, BLOCK_K):
+    k_loop = k_start
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        cols = k_start + offs_k
+        b = _w_tile(W, w_rows, mask_n, cols, K, GEMV)
+        b_2 = b
+        if PAIRED:
+            b_2 = _w_tile(W, w_rows_2, mask_n, cols, K, GEMV)
+        tl.extra.cuda.gdc_wait()
+        a, sumsq = _h_tile(X, R, H, rows, mask_m, mask_h, cols, K, sumsq, stride_xm, stride_rm, stride_hm, HAS_RESIDUAL)
+        acc = _accumulate(acc, a, b, PRECISION, GEMV, BLOCK_M)
+        if PAIRED:
+            acc_2 = _accumulate(acc_2, a, b_2, PRECISION, GEMV, BLOCK_M)
+        k_loop = k_start + BLOCK_K
+    for k in range(k_loop, K, BLOCK_K):
         cols = k + offs_k
-        mask_k = cols < K
-        mask_mk = mask_m[:, None] & mask_k[None, :]
-        a = tl.load(X + rows * stride_xm + cols[None, :], mask=mask_mk, other=0.0)
-        if HAS_RESIDUAL:
-            res = tl.load(R + rows * stride_rm + cols[None, :], mask=mask_mk, other=0.0)
-            # Round the sum to the model dtype, as HF does before its norm.
-            a = (a.to(tl.float32) + res.to(tl.float32)).to(X.dtype.element_ty)
-            tl.store(H + rows * stride_hm + cols[None, :], a, mask=mask_h[:, None] & mask_k[None, :])
-        a32 = a.to(tl.float32)
-        sumsq += tl.sum(a32 * a32, axis=1)
-        if GEMV:
-            mask_nk = mask_n[:, None] & mask_k[None, :]
-            b = tl.load(W + w_rows[:, None] + cols[None, :], mask=mask_nk, other=0.0).to(tl.float32)
-            acc += _rows_times_tile(a32, b, BLOCK_M)
-            if PAIRED:
-                b_2 = tl.load(W + w_rows_2[:, None] + cols[None, :], mask=mask_nk, other=0.0).to(tl.float32)
-                acc_2 += _rows_times_tile(a32, b_2, BLOCK_M)
-        else:
-            # W is [N, K] row-major: read K-contiguous [BLOCK_K, BLOCK_N] tiles.
-            mask_kn = mask_k[:, None] & mask_n[None, :]
-            b = tl.load(W + w_rows[None, :] + cols[:, None], mask=mask_kn, other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-            if PAIRED:
-                b_2 = tl.load(W + w_rows_2[None, :] + cols[:, None], mask=mask_kn, other=0.0)
-                acc_2 = tl.dot(a, b_2, acc_2, input_precision=PRECISION)
+        a, sumsq = _h_tile(X, R, H, rows, mask_m, mask_h, cols, K, sumsq, stride_xm, stride_rm, stride_hm, HAS_RESIDUAL)
+        acc = _accumulate(acc, a, _w_tile(W, w_rows, mask_n, cols, K, GEMV), PRECISION, GEMV, BLOCK_M)
+        if PAIRED:
+            acc_2 = _accumulate(acc_2, a, _w_tile(W, w_rows_2, mask_n, cols, K, GEMV), PRECISION, GEMV, BLOCK_M)
     return acc, acc_2, sumsq
+
+
+@triton.jit
+def _h_tile(X, R, H, rows, mask_m, mask_h, cols, K, sumsq, stride_xm, stride_rm, stride_hm,
+            HAS_RESIDUAL: tl.constexpr):
+    """The h tile of columns ``cols``, ``x (+ residual)`` (stored to H for rows below h_rows), and
+    ``sumsq`` plus its squares."""
+    mask_k = cols < K
+    mask_mk = mask_m[:, None] & mask_k[None, :]
+    a = tl.load(X + rows * stride_xm + cols[None, :], mask=mask_mk, other=0.0)
+    if HAS_RESIDUAL:
+        res = tl.load(R + rows * stride_rm + cols[None, :], mask=mask_mk, other=0.0)
+        # Round the sum to the model dtype, as HF does before its norm.
+        a = (a.to(tl.float32) + res.to(tl.float32)).to(X.dtype.element_ty)
+        tl.store(H + rows * stride_hm + cols[None, :], a, mask=mask_h[:, None] & mask_k[None, :])
+    a32 = a.to(tl.float32)
+    return a, sumsq + tl.sum(a32 * a32, axis=1)
+
+
+@triton.jit
+def _w_tile(W, w_rows, mask_n, cols, K, GEMV: tl.constexpr):
+    """The tile of W's rows at ``w_rows`` and columns ``cols``: [BLOCK_N, BLOCK_K] (K fastest) for the
+    GEMV, [BLOCK_K, BLOCK_N] for tl.dot. W is [N, K] row-major: both read K-contiguous rows."""
+    mask_k = cols < K
+    if GEMV:
+        b = tl.load(W + w_rows[:, None] + cols[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+    else:
+        b = tl.load(W + w_rows[None, :] + cols[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+    return b
+
+
+@triton.jit
+def _accumulate(acc, a, b, PRECISION: tl.constexpr, GEMV: tl.constexpr, BLOCK_M: tl.constexpr):
+    """``acc`` plus the h tile ``a`` times the W tile ``b`` (``_w_tile``)."""
+    if GEMV:
+        acc += _rows_times_tile(a.to(tl.float32), b.to(tl.float32), BLOCK_M)
+    else:
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
 
 
 @triton.jit
@@ -208,6 +243,7 @@ def rmsnorm_linear_kernel(
     SILU_MUL: tl.constexpr,
     PRECISION: tl.constexpr, GEMV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     # With SILU_MUL, W is [gate; up] with N rows each and Y = silu(gate) * up is N wide: a
     # program owns gate columns n and up columns N + n, so the product never leaves registers.
@@ -219,7 +255,7 @@ def rmsnorm_linear_kernel(
         X, R, H, W, offs_m,
         offs_n.to(tl.int64) * stride_wn, (offs_n + N).to(tl.int64) * stride_wn,
         mask_n, M, 0, K, tl.where(pid_n == 0, M, 0), stride_xm, stride_rm, stride_hm,
-        HAS_RESIDUAL, SILU_MUL, PRECISION, GEMV, BLOCK_M, BLOCK_N, BLOCK_K,
+        HAS_RESIDUAL, SILU_MUL, PRECISION, GEMV, BLOCK_M, BLOCK_N, BLOCK_K, USE_PDL,
     )
 
     # r needs the whole row, so it can only be applied after the K loop.
@@ -302,7 +338,8 @@ def precision(dtype: torch.dtype) -> str:
 
 
 def launch(kernel, x, w_folded, eps, residual, rms_cols_start, silu_mul=False, **meta):
-    """Run ``kernel`` (an autotuner or the bare kernel with full meta) on checked inputs."""
+    """Run ``kernel`` (an autotuner or the bare kernel with full meta) on checked inputs; with PDL where
+    ``kernels.guard.pdl_launch`` says (USE_PDL and launch_pdl go together: ``meta`` cannot set them)."""
     m, k = x.shape
     n = w_folded.shape[0] // 2 if silu_mul else w_folded.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -325,6 +362,8 @@ def launch(kernel, x, w_folded, eps, residual, rms_cols_start, silu_mul=False, *
         SILU_MUL=silu_mul,
         PRECISION=precision(x.dtype),
         **{"GEMV": False, **meta},
+        # PDL only on the GEMV rows (the decode step at one row): the tl.dot paths keep their K loop whole.
+        **pdl_launch(x, meta.get("GEMV", False)),
     )
     return y if residual is None else (y, h)
 

@@ -32,7 +32,7 @@ must be ordered on one stream, and the first call (autotuning) must come before 
 import torch
 
 from kernels.paged_attention import INDEX_DTYPES, _check_cache, store_kvcache_ref
-from kernels.guard import INTERPRET, check_tensors, tl, triton, use_triton
+from kernels.guard import INTERPRET, check_tensors, pdl_launch, tl, triton, use_triton
 from kernels.rmsnorm import rmsnorm_ref
 from kernels.rope import rope_ref
 from kernels.rmsnorm_linear import (GEMV_MAX_ROWS, PATHS, _configs, _m_bucket, _norm_matmul, _tile_ids, norm_rows,
@@ -179,6 +179,7 @@ def rmsnorm_qkv_kernel(
     HAS_RESIDUAL: tl.constexpr, PRECISION: tl.constexpr, GEMV: tl.constexpr, QK_NORM: tl.constexpr,
     HEAD_DIM: tl.constexpr, CACHE_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     num_heads = num_q_heads + 2 * num_kv_heads  # qkv columns: q heads, k heads, v heads
     pid_m, head = _tile_ids(M, num_heads, BLOCK_M, GROUP_M)
@@ -193,8 +194,10 @@ def rmsnorm_qkv_kernel(
     acc, _, sumsq = _norm_matmul(
         X, R, H, W, offs_m, w_rows, w_rows, offs_n < num_heads * HEAD_DIM, M, k_start,
         tl.minimum(k_start + k_slice, K), tl.where(head == 0, M, 0), stride_xm, stride_rm, stride_hm,
-        HAS_RESIDUAL, False, PRECISION, GEMV, BLOCK_M, HEAD_DIM, BLOCK_K,
+        HAS_RESIDUAL, False, PRECISION, GEMV, BLOCK_M, HEAD_DIM, BLOCK_K, USE_PDL,
     )
+    # The split-K workspace and tickets are touched only after _norm_matmul's gdc_wait: the previous
+    # launch that used them has completed by then (each kernel of the chain waits for its predecessor).
     is_last = True
     if SPLIT_K > 1:
         acc, sumsq, is_last = _split_k_sum(acc, sumsq, head, split, PARTIALS, SUMSQ, TICKETS,
@@ -379,7 +382,7 @@ def rmsnorm_qkv_rope_store(
             w_folded.stride(0), q.stride(0), q.stride(1), *cache_args,
             eps, qk_eps,
             HAS_RESIDUAL=residual is not None, PRECISION=precision(x.dtype), QK_NORM=qk_norm,
-            HEAD_DIM=head_dim, CACHE_BLOCK=k_cache.shape[1], **meta,
+            HEAD_DIM=head_dim, CACHE_BLOCK=k_cache.shape[1], **pdl_launch(x, meta["GEMV"]), **meta,
         )
     return q if residual is None else (q, h)
 

@@ -10,7 +10,7 @@ tokens. Rows with ``T_b = 0`` are greedy: the argmax of their logits, with no no
 """
 import torch
 
-from kernels.guard import check_tensors, tl, triton, use_triton
+from kernels.guard import check_tensors, pdl_entry, pdl_launch, tl, triton, use_triton
 
 BLOCK_V = 2048
 MIN_TEMPERATURE = 1e-5  # as the reference clamps it
@@ -25,7 +25,9 @@ def _hash32(x):
 
 
 @triton.jit
-def _gumbel_argmax_kernel(LOGITS, TEMPERATURES, KEYS, OUT, stride_b, V, MIN_T, BLOCK_V: tl.constexpr):
+def _gumbel_argmax_kernel(LOGITS, TEMPERATURES, KEYS, OUT, stride_b, V, MIN_T, BLOCK_V: tl.constexpr,
+                          USE_PDL: tl.constexpr):
+    pdl_entry(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     t = tl.load(TEMPERATURES + b)
     key = tl.load(KEYS + b)
@@ -72,7 +74,7 @@ def gumbel_argmax(logits: torch.Tensor, temperatures: torch.Tensor, noise_keys: 
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if rows:
         _gumbel_argmax_kernel[(rows,)](logits, temperatures, noise_keys, out, logits.stride(0), logits.shape[1],
-                                       MIN_TEMPERATURE, BLOCK_V=BLOCK_V, num_warps=8)
+                                       MIN_TEMPERATURE, BLOCK_V=BLOCK_V, num_warps=8, **pdl_launch(logits))
     return out
 
 

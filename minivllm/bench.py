@@ -5,6 +5,7 @@ every rung of the fusion ladder, and the peer engines, in one process run.
     python -m minivllm.bench latency    --model checkpoints/qwen3-0.6b --fusion all --peers nano-vllm,hf
     python -m minivllm.bench latency    --model checkpoints/qwen3-8b --tensor-parallel-size 1,2
     python -m minivllm.bench ttft       --model checkpoints/qwen3-0.6b
+    python -m minivllm.bench latency    --model checkpoints/qwen3-0.6b --fusion full --pdl off,on --batches 1
 
 Each writes data/results/<benchmark>-<gpu slug>.json. The GPU's ceilings (copy bandwidth, bf16
 matmul rate) are measured first and every floor is computed from them. Each configuration is
@@ -13,6 +14,7 @@ own processes (``minivllm.peers``) on the same GPU, after minivllm's engines hav
 """
 import argparse
 import gc
+import itertools
 import os
 import signal
 import statistics
@@ -31,17 +33,17 @@ PEERS = ("nano-vllm", "hf", "hf_compiled")
 
 
 def engines(args, **kwargs):
-    """One engine per tensor-parallel size and fusion mode, each shut down before the next
+    """One engine per tensor-parallel size, fusion mode and PDL setting, each shut down before the next
     starts (a process is rank 0 of one tensor-parallel group at a time)."""
-    for tp in args.tensor_parallel_size:
-        for fusion in args.fusion:
-            gc.collect()
-            torch.cuda.empty_cache()
-            llm = LLM(args.model, fusion=fusion, enforce_eager=args.enforce_eager, tensor_parallel_size=tp, **kwargs)
-            try:
-                yield llm
-            finally:
-                llm.shutdown()
+    for tp, fusion, pdl in itertools.product(args.tensor_parallel_size, args.fusion, args.pdl):
+        gc.collect()
+        torch.cuda.empty_cache()
+        llm = LLM(args.model, fusion=fusion, enforce_eager=args.enforce_eager, tensor_parallel_size=tp, pdl=pdl,
+                  **kwargs)
+        try:
+            yield llm
+        finally:
+            llm.shutdown()
 
 
 def timed_generate(llm: LLM, prompts, params) -> float:
@@ -60,7 +62,7 @@ def stats(samples_ms: list[float]) -> dict:
 
 
 def base_row(llm: LLM, args, workload: str) -> dict:
-    return dict(workload=workload, engine="minivllm", fusion=llm.config.fusion,
+    return dict(workload=workload, engine="minivllm", fusion=llm.config.fusion, pdl=llm.config.pdl,
                 tensor_parallel_size=llm.config.tensor_parallel_size, model_name=args.model_name)
 
 
@@ -192,6 +194,8 @@ def main(argv=None):
     parser.add_argument("--gen-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=5, help="samples per configuration")
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--pdl", default="on", choices=("on", "off", "on,off", "off,on"),
+                        help="programmatic dependent launch (Config.pdl): on, off, or both side by side (A/B)")
     parser.add_argument("--out", default="data/results")
     parser.add_argument("--tag", default="", help="suffix for the result file's benchmark name")
     args = parser.parse_args(argv)
@@ -201,6 +205,7 @@ def main(argv=None):
     # instead of holding the GPU's memory for the next stage.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     args.fusion = list(FUSION_MODES) if args.fusion == "all" else args.fusion.split(",")
+    args.pdl = [v == "on" for v in args.pdl.split(",")]
     args.peers = [p for p in args.peers.split(",") if p]
     unknown = set(args.peers) - set(PEERS)
     if unknown:

@@ -246,7 +246,15 @@ def mistral_fields(cfg: dict, path: str, num_layers: int) -> dict:
 
 @dataclass
 class Config:
-    """Engine settings. ``num_kvcache_blocks`` is derived from memory unless given."""
+    """Engine settings. ``num_kvcache_blocks`` is derived from memory unless given.
+
+    ``pdl``: launch the Triton kernels of the decode step at one row (and the others that take it,
+    ``kernels.guard``) with programmatic dependent launch where the GPU supports it (CUDA, compute
+    capability >= 9; never on CPU or under the interpreter): each kernel's launch and first weight loads
+    then overlap its predecessor's tail. False launches them one after another, as without PDL, for A/B
+    benchmarks; the results are the same either way. ``KERNELS_PDL=0`` in the environment turns it off
+    for the whole process.
+    """
 
     model: str
     dtype: str = "auto"
@@ -266,6 +274,7 @@ class Config:
     tensor_parallel_size: int = 1
     seed: int = 0
     fusion: str = "off"
+    pdl: bool = True
     hf_config: ModelConfig = field(init=False)
 
     def __post_init__(self):
@@ -300,7 +309,7 @@ class Config:
             checks.integer("num_kvcache_blocks", self.num_kvcache_blocks, low=1)
         checks.real("gpu_memory_utilization", self.gpu_memory_utilization, low=0, high=1, low_open=True)
         checks.real("cpu_kvcache_space_gb", self.cpu_kvcache_space_gb, low=0, low_open=True)
-        for name in ("enable_prefix_caching", "enable_chunked_prefill", "enforce_eager", "async_scheduling"):
+        for name in ("enable_prefix_caching", "enable_chunked_prefill", "enforce_eager", "async_scheduling", "pdl"):
             checks.flag(name, getattr(self, name))
         checks.integer("seed", self.seed, *checks.SEED_RANGE)
         for name in ("dtype", "device", "fusion"):

@@ -7,7 +7,8 @@ EAGER decode steps (kernels inside CUDA-graph replays are not attributed to the 
 launched them), so the file says ``"profiled_eager": true``; the wall time per step is timed
 separately, without the profiler, with CUDA graphs when the device has them: the median (and
 min, max) of 3x as many steps as are profiled, after a few untimed ones. Each kernel is
-attributed to the innermost engine op (module or kernels call) that launched it. On CPU the
+attributed to the innermost engine op (module or kernels call) that launched it; the profiled steps
+run without programmatic dependent launch, so that kernel durations do not overlap. On CPU the
 "kernels" are emulated: one per kernels-package call and one per other top-level aten op.
 """
 import argparse
@@ -22,6 +23,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import kernels
 import minivllm.layers.attention as attention_mod
+from kernels.guard import pdl
 import minivllm.models.decoder as decoder_mod
 from minivllm import LLM, SamplingParams
 from minivllm.config import FUSION_MODES
@@ -169,7 +171,9 @@ def profile_mode(args, fusion: str) -> list[dict]:
         walls[-1] += time.perf_counter()
     walls = walls[WALL_WARMUP:]  # the first replays after capture and prefill are not the steady state
     graphs = llm.cuda_graphs
-    with llm.eager():  # eager steps for the breakdown
+    # Eager steps for the breakdown, without PDL: a kernel launched early would count its wait for the
+    # previous one in its own duration (the wall time above ran with the engine's setting, "pdl").
+    with llm.eager(), pdl(False):
         undo = instrument(llm)
         llm.step()  # warm-up of the eager path
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
@@ -200,7 +204,7 @@ def profile_mode(args, fusion: str) -> list[dict]:
                      steps_profiled=n, kernels_per_step=kernels, kernels_per_layer=kernels / layers,
                      gpu_us_per_step=sum(t1 - t0 for s in steps for *_, t0, t1 in s) / n,
                      wall_us_per_step=1e6 * statistics.median(walls), wall_us_min=1e6 * min(walls),
-                     wall_us_max=1e6 * max(walls), wall_steps=len(walls), cuda_graphs=graphs,
+                     wall_us_max=1e6 * max(walls), wall_steps=len(walls), cuda_graphs=graphs, pdl=llm.config.pdl,
                      dtype=str(llm.config.torch_dtype).replace("torch.", ""), device=llm.config.device,
                      model={k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size", "num_attention_heads",
                                                          "num_key_value_heads", "head_dim", "vocab_size")},

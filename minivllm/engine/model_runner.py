@@ -6,6 +6,7 @@ With tensor parallelism every rank has a ModelRunner over its shard of the model
 cache. Rank 0 sends each call (method name and args) to the others before running it
 itself (``call``); they run the calls in ``loop`` until ``exit``.
 """
+import functools
 import gc
 import signal
 import threading
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 import kernels
+from kernels.guard import pdl
 
 from minivllm import distributed
 from minivllm.config import Config
@@ -62,6 +64,16 @@ def unpack_decode(packed: torch.Tensor, bs: int, width: int) -> dict:
     fields = {name: packed[i * bs:(i + 1) * bs] for i, name in enumerate(DECODE_FIELDS)}
     fields["block_tables"] = packed[len(DECODE_FIELDS) * bs:decode_size(bs, width)].reshape(bs, width)
     return fields
+
+
+def with_pdl_setting(method):
+    """Runs a ModelRunner method with the engine's ``Config.pdl`` in force for the kernels it launches
+    (CUDA graphs keep the launch attributes they were captured with)."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with pdl(self.config.pdl):
+            return method(self, *args, **kwargs)
+    return run
 
 
 class ModelRunner:
@@ -245,6 +257,7 @@ class ModelRunner:
         return self.model.compute_logits(hidden[rows], residual[rows])
 
     @torch.inference_mode()
+    @with_pdl_setting
     def compute_logits(self, input_ids: list[int], positions: list[int], ctx: dict, logit_rows=None):
         """Runs a prepared step on this rank: on rank 0 the logits of each sequence's last token
         (or of the token rows ``logit_rows``), None on the others."""
@@ -259,6 +272,7 @@ class ModelRunner:
         return None if logits is None else logits.float()
 
     @torch.inference_mode()
+    @with_pdl_setting
     def run(self, seqs: list[Sequence], num_new: list[int], is_prefill: bool):
         """Computes ``num_new`` tokens of each sequence. Returns each one's next token (None for a
         sequence whose prompt is not yet fully computed); the new token's logprobs for each
@@ -366,6 +380,7 @@ class ModelRunner:
         return packed
 
     @torch.inference_mode()
+    @with_pdl_setting
     def decode(self, packed: np.ndarray, n: int, width: int, replay: bool):
         """Every rank's decode step on ``pack_decode``'s inputs (its rows' graph when ``replay``): rank 0
         gets the fp32 logits and the sampled tokens of the first ``n`` rows; the other ranks (None, None)."""
@@ -390,7 +405,9 @@ class ModelRunner:
         set_context(is_prefill=False, cu_seqlens_q=self.decode_cu_seqlens[:bs + 1], seqlens_k=f["seqlens_k"],
                     max_seqlen_q=1, max_seqlen_k=self.config.max_model_len, slot_mapping=f["slot_mapping"],
                     block_tables=f["block_tables"])
+        # The torch ops first: between the Triton kernels they would break the chain of dependent launches.
         input_ids = torch.where(f["from_previous"] != 0, self.last_tokens[:bs].int(), f["input_ids"])
+        keys = noise_keys_of_halves(f["seed_low"], f["seed_high"], f["steps"])
         try:
             hidden, residual = self.model(input_ids, f["positions"])
         finally:
@@ -399,7 +416,6 @@ class ModelRunner:
         if logits is None:
             return None, None
         logits = logits.float()
-        keys = noise_keys_of_halves(f["seed_low"], f["seed_high"], f["steps"])
         tokens = kernels.gumbel_argmax(logits, f["temperature_bits"].view(torch.float32), keys)
         self.last_tokens[:bs].copy_(tokens)
         return logits, tokens
@@ -443,6 +459,7 @@ class ModelRunner:
         self.cuda_graphs_enabled = enabled
 
     @torch.inference_mode()
+    @with_pdl_setting
     def capture_cudagraphs(self):
         """One graph per decode batch size: a replay runs the whole step, forward and sampler, at once."""
         sizes = cuda_graph_batch_sizes(self.config.max_num_seqs)
