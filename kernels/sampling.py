@@ -99,3 +99,253 @@ def gumbel_argmax_ref(logits, temperatures, noise_keys):
     gumbel = -torch.log(-torch.log(token_noise(noise_keys, logits.shape[-1])))
     sampled = ((logits / temperatures.clamp(min=MIN_TEMPERATURE)[:, None]).double() + gumbel).argmax(-1)
     return torch.where(temperatures > 0, sampled, logits.argmax(-1))
+
+
+# ---- top-k / top-p: thresholds found by counting, not by sorting -----------------------------------
+#
+# ``sample(logits, temperatures, top_ks, top_ps, noise_keys)`` keeps, per row, the tokens whose scaled
+# logit z = fp32(logit / max(T, MIN_TEMPERATURE)) is at least a threshold, then takes the same Gumbel-max
+# argmax as ``gumbel_argmax`` over the kept tokens (same noise: a request's tokens do not depend on its
+# batch). The kept set, defined by values so that no sort is needed and ties cannot depend on one:
+#   top-k (0 < k < V): z >= z_(k), the k-th largest z counting repeats; tokens tied with it are all kept.
+#   top-p (p < 1), over the top-k set K: each token's mass is its probability relative to the top token
+#     in whole units of 2^-32, w = trunc(exp(float64(z) - float64(max z)) * 2^32), an integer, so a sum of
+#     masses is exact in any order; S = the sum over K. Kept: z >= the largest value d of K whose suffix
+#     mass (w summed over z >= d) reaches p * S (float64). That is the smallest prefix of K sorted by
+#     probability whose mass reaches p, the boundary token's ties all kept; the top token always stays.
+# The kernel finds each threshold by a multiway bisection on the order-preserving integer key of z (a few
+# passes, each counting the tokens or summing the masses above SEARCH_PIVOTS pivots) and, once at most
+# CANDIDATES tokens can still be kept, copies them to a per-row buffer so that later passes read only
+# those. Rows without top-k/top-p (or greedy) are left as ``gumbel_argmax`` wrote them: one pass.
+
+SEARCH_PIVOTS = 8
+CANDIDATES = 8192
+BLOCK_SEARCH = 512  # the search passes hold [BLOCK_SEARCH, SEARCH_PIVOTS] tiles
+MASS_UNIT = 2.0**32  # masses are integers below V * 2^32 < 2^53: float64 sums of them are exact
+
+
+@triton.jit
+def _order_key(z):
+    # fp32 -> int32 with the same order (-0 and +0 one key, as they compare equal).
+    bits = z.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return tl.where(z == 0.0, 0, key).to(tl.int64)
+
+
+@triton.jit
+def _key_value(key):
+    k = key.to(tl.int32)
+    return tl.where(k < 0, k ^ 0x7FFFFFFF, k).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _load_scaled(ROW, CZ, CI, from_row, start, n, t, BLOCK: tl.constexpr):
+    # Block ``start`` of the row's scaled logits (from the logits) or of its candidates (from the buffer):
+    # the other load is masked off and reads nothing.
+    pos = start + tl.arange(0, BLOCK)
+    mask = pos < n
+    # (A scalar condition joins a vector one through ``where``: the interpreter's ``&`` of the two is an int.)
+    logit = tl.load(ROW + pos, mask=tl.where(from_row != 0, mask, False), other=0.0)
+    cand = tl.load(CZ + pos, mask=tl.where(from_row == 0, mask, False), other=0.0)
+    token = tl.load(CI + pos, mask=tl.where(from_row == 0, mask, False), other=0)
+    z = tl.where(from_row != 0, logit / t, cand)
+    return z, tl.where(from_row != 0, pos, token).to(tl.int64), mask
+
+
+@triton.jit
+def _gumbel_score(z, token, key):
+    # gumbel_argmax's score: the same noise of (row key, token id), the same float64 sum.
+    bits = _hash32(key ^ _hash32(token))
+    u = (bits.to(tl.float64) + 0.5) / 4294967296.0
+    return z.to(tl.float64) - tl.log(-tl.log(u))
+
+
+@triton.jit
+def _mass(z, m):
+    return tl.floor(tl.exp(z.to(tl.float64) - m.to(tl.float64)) * 4294967296.0)
+
+
+@triton.jit
+def _pivots(lo, hi, vmin, it, NP: tl.constexpr):
+    # NP pivots in (lo, hi), non-decreasing: even in value while the interval spans more than a binade
+    # (2^23 keys; keys are dense near 0 and sparse far from it), for at most 4 passes (a far outlier
+    # could make value splits slow), then even in key: at most 8 more passes of 8 pivots reach one key.
+    j = tl.arange(0, NP).to(tl.int64) + 1
+    span = hi - lo
+    by_key = lo + (span * j + NP) // (NP + 1)
+    vlo = tl.maximum(_key_value(lo), vmin)
+    vhi = _key_value(hi - 1)
+    by_value = _order_key(vlo + (vhi - vlo) * (j.to(tl.float32) / (NP + 1)))
+    piv = tl.where(tl.where(it < 4, span > 8388608, False), by_value, by_key)
+    return tl.minimum(tl.maximum(piv, lo + 1), hi - 1)
+
+
+@triton.jit
+def _threshold(ROW, CZ, CI, from_row, n, t, m, vmin, floor, lo, hi, target, top_p,
+               MASS: tl.constexpr, NP: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr):
+    """The largest key x with f(x) >= target, for f(x) = the count (MASS False) or the mass (True) of the
+    tokens with key >= max(x, floor); given f(lo) >= target > f(hi). For the mass, ``target`` is computed
+    by the first pass, top_p * S (S: the mass of all tokens with key >= floor). Also returns where the
+    tokens are read from next (the row, or the candidates copied by a pass that could: at most CAP
+    tokens at or above its lo) and how many."""
+    it = 0
+    above_lo = n  # an upper bound on the tokens with key >= lo
+    while hi - lo > 1:
+        piv = _pivots(lo, hi, vmin, it, NP)
+        piv_value = _key_value(piv)
+        copy = tl.where(from_row != 0, above_lo <= CAP, False)
+        count = tl.zeros([BLOCK, NP], tl.float32)  # integers below 2^24: exact in float32
+        mass = tl.zeros([BLOCK, NP], tl.float64)
+        total = tl.zeros([BLOCK], tl.float64)
+        dmin = tl.full([BLOCK], 2**62, tl.int64)
+        dmax = tl.full([BLOCK], -2**62, tl.int64)
+        copied = 0
+        for start in range(0, n, BLOCK):
+            z, token, mask = _load_scaled(ROW, CZ, CI, from_row, start, n, t, BLOCK)
+            key = _order_key(z)
+            mask = mask & (key >= floor)
+            # Comparing values is comparing keys (pivots are never -0 bar key -1, which orders alike).
+            ge = (z[:, None] >= piv_value[None, :]) & mask[:, None]
+            count += ge.to(tl.float32)
+            if MASS:
+                w = tl.where(mask, _mass(z, m), 0.0)
+                mass += tl.where(ge, w[:, None], 0.0)
+                total += w
+                live = w > 0
+            else:
+                live = mask
+            live = live & (key >= lo) & (key < hi)
+            dmin = tl.minimum(dmin, tl.where(live, key, 2**62))
+            dmax = tl.maximum(dmax, tl.where(live, key, -2**62))
+            if copy:
+                keep = mask & (key >= lo)
+                at = copied + tl.cumsum(keep.to(tl.int32), 0) - 1
+                tl.store(CZ + at, z, mask=keep)
+                tl.store(CI + at, token.to(tl.int32), mask=keep)
+                copied += tl.sum(keep.to(tl.int32), 0)
+        count_at = tl.sum(count, 0)
+        if MASS:
+            if it == 0:
+                target = top_p.to(tl.float64) * tl.sum(total, 0)
+            f = tl.sum(mass, 0)
+        else:
+            f = count_at.to(tl.float64)
+        ok = f >= target
+        # f falls as x grows, so the pivots that reach the target all lie below those that do not.
+        new_lo = tl.max(tl.where(ok, piv, lo), 0)
+        new_hi = tl.min(tl.where(ok, hi, piv), 0)
+        above_lo = tl.min(tl.where(ok, count_at, above_lo.to(tl.float32)), 0).to(tl.int32)
+        # No counted token lies in [lo, dmin) or (dmax, hi): f is the same there, so snap to the data.
+        lo = tl.maximum(new_lo, tl.min(dmin, 0))
+        hi = tl.minimum(new_hi, tl.max(dmax, 0) + 1)
+        n = tl.where(copy, copied, n)
+        from_row = tl.where(copy, 0, from_row)
+        it += 1
+    return lo, from_row, n
+
+
+@triton.jit
+def _top_k_top_p_kernel(LOGITS, TEMPERATURES, TOP_KS, TOP_PS, KEYS, CZ, CI, OUT, stride_b, V, MIN_T,
+                        NP: tl.constexpr, CAP: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    t = tl.load(TEMPERATURES + b)
+    top_k = tl.load(TOP_KS + b)
+    top_p = tl.load(TOP_PS + b)
+    use_k = tl.where(top_k > 0, top_k < V, False)
+    use_p = top_p < 1.0
+    if tl.where(t > 0.0, tl.where(use_k, True, use_p), False):  # else gumbel_argmax's token stands
+        t = tl.maximum(t, MIN_T)
+        row = LOGITS + b * stride_b
+        cz = CZ + b * CAP
+        ci = CI + b * CAP
+        from_row = tl.full([], 1, tl.int32)  # 1: read the row; 0 once the candidates are copied
+        zmax = tl.full([BLOCK_V], -float("inf"), tl.float32)
+        zmin = tl.full([BLOCK_V], float("inf"), tl.float32)
+        finite_min = tl.full([BLOCK_V], float("inf"), tl.float32)
+        for start in range(0, V, BLOCK_V):
+            z, token, mask = _load_scaled(row, cz, ci, from_row, start, V, t, BLOCK_V)
+            zmax = tl.maximum(zmax, tl.where(mask, z, -float("inf")))
+            zmin = tl.minimum(zmin, tl.where(mask, z, float("inf")))
+            finite_min = tl.minimum(finite_min, tl.where(mask & (z > -float("inf")), z, float("inf")))
+        m = tl.max(zmax, 0)
+        vmin = tl.min(finite_min, 0)
+        top = _order_key(m)
+        bottom = _order_key(tl.min(zmin, 0))
+        n = V
+        tau_k = bottom
+        if use_k:
+            tau_k, from_row, n = _threshold(row, cz, ci, from_row, n, t, m, vmin, bottom, bottom, top + 1,
+                                            top_k.to(tl.float64), top_p, False, NP, CAP, BLOCK)
+        tau = tau_k
+        if use_p:
+            tau, from_row, n = _threshold(row, cz, ci, from_row, n, t, m, vmin, tau_k, tau_k, top + 1,
+                                          top_p.to(tl.float64), top_p, True, NP, CAP, BLOCK)
+        tau = tl.minimum(tau, top)  # the top token always stays (top_p may be 0 in float32)
+        key_b = tl.load(KEYS + b)
+        best = tl.full([BLOCK_V], -float("inf"), tl.float64)
+        best_token = tl.zeros([BLOCK_V], tl.int64)
+        for start in range(0, n, BLOCK_V):
+            z, token, mask = _load_scaled(row, cz, ci, from_row, start, n, t, BLOCK_V)
+            score = _gumbel_score(z, token, key_b)
+            score = tl.where(mask & (_order_key(z) >= tau), score, -float("inf"))
+            # Candidates are in token order, as the row is: strictly greater keeps the first of a tie.
+            better = score > best
+            best = tl.where(better, score, best)
+            best_token = tl.where(better, token, best_token)
+        top_score = tl.max(best, axis=0)
+        tl.store(OUT + b, tl.min(tl.where(best == top_score, best_token, V), axis=0))
+
+
+def _check_row_vector(op: str, name: str, t: torch.Tensor, logits: torch.Tensor, dtype: torch.dtype):
+    rows = logits.shape[0]
+    if t.shape != (rows,) or t.dtype != dtype or t.device != logits.device:
+        raise ValueError(f"{op}: {name} {tuple(t.shape)} {t.dtype} on {t.device} must be [{rows}] {dtype} on "
+                         f"the logits' device")
+
+
+def sample(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor,
+           noise_keys: torch.Tensor) -> torch.Tensor:
+    """Sampled token ids [B] (int64) from ``logits`` [B, V] (fp32), per-row ``temperatures`` (fp32; 0 is
+    greedy), ``top_ks`` (int64; <= 0 or >= V: off), ``top_ps`` (fp32; >= 1: off) and ``noise_keys``
+    (int64 in [0, 2^32)); the kept set is defined above ``SEARCH_PIVOTS``. No host synchronisation and no
+    control flow on the values: a CUDA graph can capture it. Two launches: ``gumbel_argmax`` for every
+    row, then the top-k/top-p kernel, which returns at once for rows that need neither."""
+    _check_row_vector("sample", "top_ks", top_ks, logits, torch.int64)
+    _check_row_vector("sample", "top_ps", top_ps, logits, torch.float32)
+    if not use_triton(logits):
+        gumbel_argmax(logits, temperatures, noise_keys)  # its input checks
+        return sample_ref(logits, temperatures, top_ks, top_ps, noise_keys)
+    out = gumbel_argmax(logits, temperatures, noise_keys)
+    rows = logits.shape[0]
+    if rows:
+        cand_z = torch.empty(rows, CANDIDATES, dtype=torch.float32, device=logits.device)
+        cand_i = torch.empty(rows, CANDIDATES, dtype=torch.int32, device=logits.device)
+        _top_k_top_p_kernel[(rows,)](logits, temperatures, top_ks, top_ps, noise_keys, cand_z, cand_i, out,
+                                     logits.stride(0), logits.shape[1], MIN_TEMPERATURE, NP=SEARCH_PIVOTS,
+                                     CAP=CANDIDATES, BLOCK_V=BLOCK_V, BLOCK=BLOCK_SEARCH, num_warps=8)
+    return out
+
+
+def kept_tokens(z: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
+    """The top-k/top-p kept set [B, V] (bool) of scaled logits ``z`` (fp32), as defined above
+    ``SEARCH_PIVOTS``: here with a sort, whose order among ties cannot matter (thresholds are values)."""
+    vocab = z.shape[-1]
+    ordered = z.sort(-1, descending=True).values
+    k = torch.where((top_ks > 0) & (top_ks < vocab), top_ks, vocab)
+    tau_k = ordered.gather(-1, (k - 1)[:, None])
+    top = ordered[:, :1]
+    in_k = ordered >= tau_k
+    mass = torch.where(in_k, torch.floor(torch.exp(ordered.double() - top.double()) * MASS_UNIT), 0.0).cumsum(-1)
+    # The first sorted position whose suffix mass (the prefix here) reaches p * S is the threshold value.
+    reaches = mass >= top_ps.double()[:, None] * mass[:, -1:]
+    tau_p = ordered.gather(-1, reaches.int().argmax(-1, keepdim=True))
+    tau = torch.where((top_ps < 1)[:, None], torch.maximum(tau_k, tau_p), tau_k)
+    return (z >= tau) | (z == top)
+
+
+def sample_ref(logits, temperatures, top_ks, top_ps, noise_keys):
+    """``sample`` in eager torch: ``gumbel_argmax_ref``'s draw over the kept tokens only."""
+    z = logits / temperatures.clamp(min=MIN_TEMPERATURE)[:, None]
+    gumbel = -torch.log(-torch.log(token_noise(noise_keys, logits.shape[-1])))
+    scores = (z.double() + gumbel).masked_fill(~kept_tokens(z, top_ks, top_ps), float("-inf"))
+    return torch.where(temperatures > 0, scores.argmax(-1), logits.argmax(-1))
