@@ -3,7 +3,8 @@ following linear layer (weight folded once at load time; optionally with SwiGLU'
 SiLU(gate) * up in the epilogue), and the qkv projection fused with QK-norm, RoPE and the
 paged KV-cache store; a no-norm GEMV ``linear`` for the decode step's other projections; and the
 unfused engine's one-kernel RoPE (``rope``) and SiLU*up (``silu_mul``); temperature sampling in one
-pass over the logits (``gumbel_argmax``).
+pass over the logits (``gumbel_argmax``), and with top-k/top-p in a few more without a sort
+(``sample``).
 
 Only torch is needed to import this package: without Triton (or on CPU tensors without
 ``TRITON_INTERPRET=1``) every op runs its plain-torch reference; CUDA tensors then raise.
@@ -13,7 +14,7 @@ from kernels.rmsnorm_linear import fold_rmsnorm_weight, linear, rmsnorm_linear, 
 from kernels.rmsnorm_qkv import rmsnorm_qkv_rope_store, rmsnorm_qkv_rope_store_ref
 from kernels.rope import rope, rope_ref
 from kernels.silu_mul import silu_mul, silu_mul_ref
-from kernels.sampling import gumbel_argmax, gumbel_argmax_ref
+from kernels.sampling import gumbel_argmax, gumbel_argmax_ref, sample, sample_ref
 
 __all__ = [
     "rmsnorm",
@@ -25,6 +26,7 @@ __all__ = [
     "rope",
     "silu_mul",
     "gumbel_argmax",
+    "sample",
     "rmsnorm_ref",
     "add_rmsnorm_ref",
     "rmsnorm_linear_ref",
@@ -32,4 +34,5 @@ __all__ = [
     "rope_ref",
     "silu_mul_ref",
     "gumbel_argmax_ref",
+    "sample_ref",
 ]
