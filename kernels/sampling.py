@@ -121,6 +121,7 @@ def gumbel_argmax_ref(logits, temperatures, noise_keys):
 SEARCH_PIVOTS = 8
 CANDIDATES = 8192
 BLOCK_SEARCH = 512  # the search passes hold [BLOCK_SEARCH, SEARCH_PIVOTS] tiles
+BIN_BITS = 12  # the first pass's histogram of keys: sign, exponent and 3 mantissa bits (1/8 binade)
 MASS_UNIT = 2.0**32  # masses are integers below V * 2^32 < 2^53: float64 sums of them are exact
 
 
@@ -181,19 +182,23 @@ def _pivots(lo, hi, vmin, it, NP: tl.constexpr):
 
 
 @triton.jit
-def _threshold(ROW, CZ, CI, from_row, n, t, m, vmin, floor, lo, hi, target, top_p,
+def _threshold(ROW, CZ, CI, from_row, n, t, m, vmin, floor, lo, hi, above_lo, spec, target, top_p,
                MASS: tl.constexpr, NP: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr):
     """The largest key x with f(x) >= target, for f(x) = the count (MASS False) or the mass (True) of the
-    tokens with key >= max(x, floor); given f(lo) >= target > f(hi). For the mass, ``target`` is computed
-    by the first pass, top_p * S (S: the mass of all tokens with key >= floor). Also returns where the
-    tokens are read from next (the row, or the candidates copied by a pass that could: at most CAP
-    tokens at or above its lo) and how many."""
+    tokens with key >= max(x, floor); given f(lo) >= target > f(hi) and at most ``above_lo`` tokens at
+    or above lo. For the mass, ``target`` is computed by the first pass, top_p * S (S: the mass of all
+    tokens with key >= floor). Also returns where the tokens are read from next and how many: each pass
+    over the row copies the tokens at or above lo if at most CAP are, else those at or above ``spec``
+    (at most CAP are), and reads the copies from then on if its own new lo is not below them."""
     it = 0
-    above_lo = n  # an upper bound on the tokens with key >= lo
     while hi - lo > 1:
         piv = _pivots(lo, hi, vmin, it, NP)
+        # On the row, one pivot at ``spec`` decides whether this pass's copy can serve.
+        at_spec = tl.where(from_row != 0, tl.where(spec > lo, spec < hi, False), False)
+        piv = tl.where(tl.where(at_spec, tl.arange(0, NP) == 0, False), spec, piv)
         piv_value = _key_value(piv)
-        copy = tl.where(from_row != 0, above_lo <= CAP, False)
+        copy = from_row != 0
+        copy_from = tl.where(above_lo <= CAP, lo, spec)
         count = tl.zeros([BLOCK, NP], tl.float32)  # integers below 2^24: exact in float32
         mass = tl.zeros([BLOCK, NP], tl.float64)
         total = tl.zeros([BLOCK], tl.float64)
@@ -218,7 +223,7 @@ def _threshold(ROW, CZ, CI, from_row, n, t, m, vmin, floor, lo, hi, target, top_
             dmin = tl.minimum(dmin, tl.where(live, key, 2**62))
             dmax = tl.maximum(dmax, tl.where(live, key, -2**62))
             if copy:
-                keep = mask & (key >= lo)
+                keep = mask & (key >= copy_from)
                 at = copied + tl.cumsum(keep.to(tl.int32), 0) - 1
                 tl.store(CZ + at, z, mask=keep)
                 tl.store(CI + at, token.to(tl.int32), mask=keep)
@@ -231,22 +236,25 @@ def _threshold(ROW, CZ, CI, from_row, n, t, m, vmin, floor, lo, hi, target, top_
         else:
             f = count_at.to(tl.float64)
         ok = f >= target
-        # f falls as x grows, so the pivots that reach the target all lie below those that do not.
+        # f falls as x grows, so the pivots that reach the target all lie below those that do not
+        # (in any order: ``spec`` may come first).
         new_lo = tl.max(tl.where(ok, piv, lo), 0)
         new_hi = tl.min(tl.where(ok, hi, piv), 0)
         above_lo = tl.min(tl.where(ok, count_at, above_lo.to(tl.float32)), 0).to(tl.int32)
         # No counted token lies in [lo, dmin) or (dmax, hi): f is the same there, so snap to the data.
         lo = tl.maximum(new_lo, tl.min(dmin, 0))
         hi = tl.minimum(new_hi, tl.max(dmax, 0) + 1)
-        n = tl.where(copy, copied, n)
-        from_row = tl.where(copy, 0, from_row)
+        copied_all = tl.where(copy, lo >= copy_from, False)  # all tokens that can still be kept
+        n = tl.where(copied_all, copied, n)
+        from_row = tl.where(copied_all, 0, from_row)
         it += 1
     return lo, from_row, n
 
 
 @triton.jit
 def _top_k_top_p_kernel(LOGITS, TEMPERATURES, TOP_KS, TOP_PS, KEYS, CZ, CI, OUT, stride_b, V, MIN_T,
-                        NP: tl.constexpr, CAP: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK: tl.constexpr):
+                        NP: tl.constexpr, CAP: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK: tl.constexpr,
+                        BINS: tl.constexpr, BIN_SHIFT: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     t = tl.load(TEMPERATURES + b)
     top_k = tl.load(TOP_KS + b)
@@ -259,6 +267,7 @@ def _top_k_top_p_kernel(LOGITS, TEMPERATURES, TOP_KS, TOP_PS, KEYS, CZ, CI, OUT,
         cz = CZ + b * CAP
         ci = CI + b * CAP
         from_row = tl.full([], 1, tl.int32)  # 1: read the row; 0 once the candidates are copied
+        hist = tl.zeros([BINS], tl.int32)
         zmax = tl.full([BLOCK_V], -float("inf"), tl.float32)
         zmin = tl.full([BLOCK_V], float("inf"), tl.float32)
         finite_min = tl.full([BLOCK_V], float("inf"), tl.float32)
@@ -267,19 +276,46 @@ def _top_k_top_p_kernel(LOGITS, TEMPERATURES, TOP_KS, TOP_PS, KEYS, CZ, CI, OUT,
             zmax = tl.maximum(zmax, tl.where(mask, z, -float("inf")))
             zmin = tl.minimum(zmin, tl.where(mask, z, float("inf")))
             finite_min = tl.minimum(finite_min, tl.where(mask & (z > -float("inf")), z, float("inf")))
+            hist += tl.histogram(((_order_key(z) + 2**31) >> BIN_SHIFT).to(tl.int32), BINS, mask=mask)
         m = tl.max(zmax, 0)
         vmin = tl.min(finite_min, 0)
         top = _order_key(m)
         bottom = _order_key(tl.min(zmin, 0))
+        # The histogram of the keys' top bits brackets each threshold between two bin edges before any
+        # search pass, so that the first one can already copy the candidates.
+        edge = (tl.arange(0, BINS).to(tl.int64) << BIN_SHIFT) - 2**31  # each bin's smallest key
+        above = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # tokens with key >= edge
+        spec = tl.min(tl.where(above <= CAP, edge, 2**31), 0)  # the most bins that CAP tokens can hold
         n = V
         tau_k = bottom
         if use_k:
-            tau_k, from_row, n = _threshold(row, cz, ci, from_row, n, t, m, vmin, bottom, bottom, top + 1,
-                                            top_k.to(tl.float64), top_p, False, NP, CAP, BLOCK)
+            reach = above >= top_k
+            lo = tl.maximum(tl.max(tl.where(reach, edge, bottom), 0), bottom)
+            hi = tl.minimum(tl.min(tl.where(reach, top + 1, edge), 0), top + 1)
+            tau_k, from_row, n = _threshold(row, cz, ci, from_row, n, t, m, vmin, bottom, lo, hi,
+                                            tl.min(tl.where(reach, above, V), 0), spec, top_k.to(tl.float64), top_p,
+                                            False, NP, CAP, BLOCK)
         tau = tau_k
         if use_p:
-            tau, from_row, n = _threshold(row, cz, ci, from_row, n, t, m, vmin, tau_k, tau_k, top + 1,
-                                          top_p.to(tl.float64), top_p, True, NP, CAP, BLOCK)
+            # Integer bounds of each bin's mass (its count times the masses at its ends), exact in float64:
+            # a lower bound of the suffix mass that reaches p * (an upper bound of S) is a valid lo, an
+            # upper bound below p * (a lower bound of S) a valid hi.
+            whole = edge >= tau_k  # bins entirely at or above the floor
+            count = tl.where(edge + (1 << BIN_SHIFT) > tau_k, hist, 0).to(tl.float64)
+            # (Ends clamped to the data's keys: the keys beyond them include NaNs.)
+            first = _key_value(tl.minimum(tl.maximum(edge, bottom), top))
+            last = _key_value(tl.minimum(tl.maximum(edge + (1 << BIN_SHIFT) - 1, bottom), top))
+            low = tl.where(whole & (hist > 0), count * _mass(first, m), 0.0)
+            high = tl.where(hist > 0, count * _mass(last, m), 0.0)
+            low_above = tl.sum(low, 0) - tl.cumsum(low, 0) + low
+            high_above = tl.sum(high, 0) - tl.cumsum(high, 0) + high
+            reach = whole & (low_above >= top_p.to(tl.float64) * tl.sum(high, 0))
+            lo = tl.maximum(tl.max(tl.where(reach, edge, tau_k), 0), tau_k)
+            short = high_above < top_p.to(tl.float64) * tl.sum(low, 0)
+            hi = tl.minimum(tl.min(tl.where(short, edge, top + 1), 0), top + 1)
+            tau, from_row, n = _threshold(row, cz, ci, from_row, n, t, m, vmin, tau_k, lo, hi,
+                                          tl.min(tl.where(reach, above, n), 0), spec, top_p.to(tl.float64), top_p,
+                                          True, NP, CAP, BLOCK)
         tau = tl.minimum(tau, top)  # the top token always stays (top_p may be 0 in float32)
         key_b = tl.load(KEYS + b)
         best = tl.full([BLOCK_V], -float("inf"), tl.float64)
@@ -322,7 +358,8 @@ def sample(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tenso
         cand_i = torch.empty(rows, CANDIDATES, dtype=torch.int32, device=logits.device)
         _top_k_top_p_kernel[(rows,)](logits, temperatures, top_ks, top_ps, noise_keys, cand_z, cand_i, out,
                                      logits.stride(0), logits.shape[1], MIN_TEMPERATURE, NP=SEARCH_PIVOTS,
-                                     CAP=CANDIDATES, BLOCK_V=BLOCK_V, BLOCK=BLOCK_SEARCH, num_warps=8)
+                                     CAP=CANDIDATES, BLOCK_V=BLOCK_V, BLOCK=BLOCK_SEARCH, BINS=2**BIN_BITS,
+                                     BIN_SHIFT=32 - BIN_BITS, num_warps=8)
     return out
 
 
