@@ -120,7 +120,10 @@ def gumbel_argmax_ref(logits, temperatures, noise_keys):
 
 SEARCH_PIVOTS = 8
 CANDIDATES = 8192
-BLOCK_SEARCH = 512  # the search passes hold [BLOCK_SEARCH, SEARCH_PIVOTS] tiles
+# One program per row, so each pass's bytes in flight are one block: blocks as large as 16 warps hold
+# without spilling much (ptxas for sm_90: 128 registers, ~120 bytes of spills).
+BLOCK_ROW = 4096  # the first and last passes
+BLOCK_SEARCH = 2048  # the search passes, which compare [BLOCK_SEARCH, SEARCH_PIVOTS] tiles
 BIN_BITS = 12  # the first pass's histogram of keys: sign, exponent and 3 mantissa bits (1/8 binade)
 MASS_UNIT = 2.0**32  # masses are integers below V * 2^32 < 2^53: float64 sums of them are exact
 
@@ -199,9 +202,11 @@ def _threshold(ROW, CZ, CI, from_row, n, t, m, vmin, floor, lo, hi, above_lo, sp
         piv_value = _key_value(piv)
         copy = from_row != 0
         copy_from = tl.where(above_lo <= CAP, lo, spec)
-        count = tl.zeros([BLOCK, NP], tl.float32)  # integers below 2^24: exact in float32
-        mass = tl.zeros([BLOCK, NP], tl.float64)
-        total = tl.zeros([BLOCK], tl.float64)
+        # Reduced every block (registers for [NP], not [BLOCK, NP]); integer sums, so exact in any order:
+        # counts below 2^24 in float32, masses below 2^53 in float64.
+        count = tl.zeros([NP], tl.float32)
+        mass = tl.zeros([NP], tl.float64)
+        total = tl.zeros([], tl.float64)
         dmin = tl.full([BLOCK], 2**62, tl.int64)
         dmax = tl.full([BLOCK], -2**62, tl.int64)
         copied = 0
@@ -211,11 +216,11 @@ def _threshold(ROW, CZ, CI, from_row, n, t, m, vmin, floor, lo, hi, above_lo, sp
             mask = mask & (key >= floor)
             # Comparing values is comparing keys (pivots are never -0 bar key -1, which orders alike).
             ge = (z[:, None] >= piv_value[None, :]) & mask[:, None]
-            count += ge.to(tl.float32)
+            count += tl.sum(ge.to(tl.float32), 0)
             if MASS:
                 w = tl.where(mask, _mass(z, m), 0.0)
-                mass += tl.where(ge, w[:, None], 0.0)
-                total += w
+                mass += tl.sum(tl.where(ge, w[:, None], 0.0), 0)
+                total += tl.sum(w, 0)
                 live = w > 0
             else:
                 live = mask
@@ -228,11 +233,11 @@ def _threshold(ROW, CZ, CI, from_row, n, t, m, vmin, floor, lo, hi, above_lo, sp
                 tl.store(CZ + at, z, mask=keep)
                 tl.store(CI + at, token.to(tl.int32), mask=keep)
                 copied += tl.sum(keep.to(tl.int32), 0)
-        count_at = tl.sum(count, 0)
+        count_at = count
         if MASS:
             if it == 0:
-                target = top_p.to(tl.float64) * tl.sum(total, 0)
-            f = tl.sum(mass, 0)
+                target = top_p.to(tl.float64) * total
+            f = mass
         else:
             f = count_at.to(tl.float64)
         ok = f >= target
@@ -358,8 +363,8 @@ def sample(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tenso
         cand_i = torch.empty(rows, CANDIDATES, dtype=torch.int32, device=logits.device)
         _top_k_top_p_kernel[(rows,)](logits, temperatures, top_ks, top_ps, noise_keys, cand_z, cand_i, out,
                                      logits.stride(0), logits.shape[1], MIN_TEMPERATURE, NP=SEARCH_PIVOTS,
-                                     CAP=CANDIDATES, BLOCK_V=BLOCK_V, BLOCK=BLOCK_SEARCH, BINS=2**BIN_BITS,
-                                     BIN_SHIFT=32 - BIN_BITS, num_warps=8)
+                                     CAP=CANDIDATES, BLOCK_V=BLOCK_ROW, BLOCK=BLOCK_SEARCH, BINS=2**BIN_BITS,
+                                     BIN_SHIFT=32 - BIN_BITS, num_warps=16)
     return out
 
 

@@ -98,7 +98,7 @@ def filtered_inputs(rows, vocab, seed, ties=False, banned=False):
 @pytest.mark.parametrize("candidates", [8192, 64])  # copied after the first search pass; mostly never
 def test_sample_picks_the_references_tokens(ties, banned, candidates, monkeypatch):
     monkeypatch.setattr(kernels.sampling, "CANDIDATES", candidates)
-    inputs = filtered_inputs(28, 3000, seed=candidates + 2 * ties + banned, ties=ties, banned=banned)
+    inputs = filtered_inputs(28, 5000, seed=candidates + 2 * ties + banned, ties=ties, banned=banned)
     got = sample(*inputs)
     assert got.dtype == torch.int64 and got.shape == (28,)
     assert torch.equal(got, sample_ref(*inputs))
