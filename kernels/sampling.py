@@ -120,10 +120,13 @@ def gumbel_argmax_ref(logits, temperatures, noise_keys):
 
 SEARCH_PIVOTS = 8
 CANDIDATES = 8192
-# One program per row, so each pass's bytes in flight are one block: blocks as large as 16 warps hold
-# without spilling much (ptxas for sm_90: 128 registers, ~120 bytes of spills).
+# One program per row (16 warps; ptxas for sm_90: 128 registers, ~400 bytes of spills): blocks as large
+# as that holds.
 BLOCK_ROW = 4096  # the first and last passes
 BLOCK_SEARCH = 2048  # the search passes, which compare [BLOCK_SEARCH, SEARCH_PIVOTS] tiles
+# Loads issued this many blocks ahead (cp.async into shared memory, 96 KB at these blocks): one block in
+# flight per SM would leave a pass bound by DRAM latency, not bandwidth.
+PIPELINE_STAGES = 3
 BIN_BITS = 12  # the first pass's histogram of keys: sign, exponent and 3 mantissa bits (1/8 binade)
 MASS_UNIT = 2.0**32  # masses are integers below V * 2^32 < 2^53: float64 sums of them are exact
 
@@ -186,7 +189,8 @@ def _pivots(lo, hi, vmin, it, NP: tl.constexpr):
 
 @triton.jit
 def _threshold(ROW, CZ, CI, from_row, n, t, m, vmin, floor, lo, hi, above_lo, spec, target, top_p,
-               MASS: tl.constexpr, NP: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr):
+               MASS: tl.constexpr, NP: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr,
+               STAGES: tl.constexpr):
     """The largest key x with f(x) >= target, for f(x) = the count (MASS False) or the mass (True) of the
     tokens with key >= max(x, floor); given f(lo) >= target > f(hi) and at most ``above_lo`` tokens at
     or above lo. For the mass, ``target`` is computed by the first pass, top_p * S (S: the mass of all
@@ -210,7 +214,7 @@ def _threshold(ROW, CZ, CI, from_row, n, t, m, vmin, floor, lo, hi, above_lo, sp
         dmin = tl.full([BLOCK], 2**62, tl.int64)
         dmax = tl.full([BLOCK], -2**62, tl.int64)
         copied = 0
-        for start in range(0, n, BLOCK):
+        for start in tl.range(0, n, BLOCK, num_stages=STAGES):
             z, token, mask = _load_scaled(ROW, CZ, CI, from_row, start, n, t, BLOCK)
             key = _order_key(z)
             mask = mask & (key >= floor)
@@ -259,7 +263,7 @@ def _threshold(ROW, CZ, CI, from_row, n, t, m, vmin, floor, lo, hi, above_lo, sp
 @triton.jit
 def _top_k_top_p_kernel(LOGITS, TEMPERATURES, TOP_KS, TOP_PS, KEYS, CZ, CI, OUT, stride_b, V, MIN_T,
                         NP: tl.constexpr, CAP: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK: tl.constexpr,
-                        BINS: tl.constexpr, BIN_SHIFT: tl.constexpr):
+                        BINS: tl.constexpr, BIN_SHIFT: tl.constexpr, STAGES: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     t = tl.load(TEMPERATURES + b)
     top_k = tl.load(TOP_KS + b)
@@ -276,7 +280,7 @@ def _top_k_top_p_kernel(LOGITS, TEMPERATURES, TOP_KS, TOP_PS, KEYS, CZ, CI, OUT,
         zmax = tl.full([BLOCK_V], -float("inf"), tl.float32)
         zmin = tl.full([BLOCK_V], float("inf"), tl.float32)
         finite_min = tl.full([BLOCK_V], float("inf"), tl.float32)
-        for start in range(0, V, BLOCK_V):
+        for start in tl.range(0, V, BLOCK_V, num_stages=STAGES):
             z, token, mask = _load_scaled(row, cz, ci, from_row, start, V, t, BLOCK_V)
             zmax = tl.maximum(zmax, tl.where(mask, z, -float("inf")))
             zmin = tl.minimum(zmin, tl.where(mask, z, float("inf")))
@@ -299,7 +303,7 @@ def _top_k_top_p_kernel(LOGITS, TEMPERATURES, TOP_KS, TOP_PS, KEYS, CZ, CI, OUT,
             hi = tl.minimum(tl.min(tl.where(reach, top + 1, edge), 0), top + 1)
             tau_k, from_row, n = _threshold(row, cz, ci, from_row, n, t, m, vmin, bottom, lo, hi,
                                             tl.min(tl.where(reach, above, V), 0), spec, top_k.to(tl.float64), top_p,
-                                            False, NP, CAP, BLOCK)
+                                            False, NP, CAP, BLOCK, STAGES)
         tau = tau_k
         if use_p:
             # Integer bounds of each bin's mass (its count times the masses at its ends), exact in float64:
@@ -320,12 +324,12 @@ def _top_k_top_p_kernel(LOGITS, TEMPERATURES, TOP_KS, TOP_PS, KEYS, CZ, CI, OUT,
             hi = tl.minimum(tl.min(tl.where(short, edge, top + 1), 0), top + 1)
             tau, from_row, n = _threshold(row, cz, ci, from_row, n, t, m, vmin, tau_k, lo, hi,
                                           tl.min(tl.where(reach, above, n), 0), spec, top_p.to(tl.float64), top_p,
-                                          True, NP, CAP, BLOCK)
+                                          True, NP, CAP, BLOCK, STAGES)
         tau = tl.minimum(tau, top)  # the top token always stays (top_p may be 0 in float32)
         key_b = tl.load(KEYS + b)
         best = tl.full([BLOCK_V], -float("inf"), tl.float64)
         best_token = tl.zeros([BLOCK_V], tl.int64)
-        for start in range(0, n, BLOCK_V):
+        for start in tl.range(0, n, BLOCK_V, num_stages=STAGES):
             z, token, mask = _load_scaled(row, cz, ci, from_row, start, n, t, BLOCK_V)
             score = _gumbel_score(z, token, key_b)
             score = tl.where(mask & (_order_key(z) >= tau), score, -float("inf"))
@@ -364,7 +368,7 @@ def sample(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tenso
         _top_k_top_p_kernel[(rows,)](logits, temperatures, top_ks, top_ps, noise_keys, cand_z, cand_i, out,
                                      logits.stride(0), logits.shape[1], MIN_TEMPERATURE, NP=SEARCH_PIVOTS,
                                      CAP=CANDIDATES, BLOCK_V=BLOCK_ROW, BLOCK=BLOCK_SEARCH, BINS=2**BIN_BITS,
-                                     BIN_SHIFT=32 - BIN_BITS, num_warps=16)
+                                     BIN_SHIFT=32 - BIN_BITS, STAGES=PIPELINE_STAGES, num_warps=16)
     return out
 
 
