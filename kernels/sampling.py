@@ -7,6 +7,10 @@ fused into an argmax (what ``minivllm.layers.sampler`` computes in about a dozen
 ``key_b`` the row's 32-bit noise key (``minivllm.layers.sampler.noise_keys``): the same noise, the
 same float64 sum and the same first-index tie rule as the torch reference, so the two pick the same
 tokens. Rows with ``T_b = 0`` are greedy: the argmax of their logits, with no noise.
+
+``sample(logits, temperatures, top_ks, top_ps, noise_keys)`` adds per-row top-k and top-p without a
+sort and without a host sync (a CUDA graph can capture it): the same draw over the tokens the filters
+keep, defined below with its torch reference ``sample_ref``.
 """
 import torch
 
@@ -113,10 +117,15 @@ def gumbel_argmax_ref(logits, temperatures, noise_keys):
 #     masses is exact in any order; S = the sum over K. Kept: z >= the largest value d of K whose suffix
 #     mass (w summed over z >= d) reaches p * S (float64). That is the smallest prefix of K sorted by
 #     probability whose mass reaches p, the boundary token's ties all kept; the top token always stays.
-# The kernel finds each threshold by a multiway bisection on the order-preserving integer key of z (a few
-# passes, each counting the tokens or summing the masses above SEARCH_PIVOTS pivots) and, once at most
-# CANDIDATES tokens can still be kept, copies them to a per-row buffer so that later passes read only
-# those. Rows without top-k/top-p (or greedy) are left as ``gumbel_argmax`` wrote them: one pass.
+# The kernel (one program per row, after ``gumbel_argmax``; rows without top-k/top-p, and greedy ones,
+# keep its token: one pass) reads the row for max z and a histogram of the top BIN_BITS bits of the
+# order-preserving integer key of z, which brackets each threshold between two bin edges (exactly for
+# counts; with integer bounds for masses). A multiway bisection on the key narrows the bracket: each pass
+# counts the tokens (or sums the masses) above SEARCH_PIVOTS pivots and snaps the bracket to the keys
+# present. The first pass over the row also copies the (at most CANDIDATES) tokens of the top bins that
+# can hold them, with a pivot at their bound: if the threshold lies above it, later passes and the final
+# Gumbel-max read the copies only. Typically (top-k 50, top-p 0.9, both) that is three reads of the row
+# in all (gumbel_argmax's, the histogram's, one search pass) and a few passes over the candidates.
 
 SEARCH_PIVOTS = 8
 CANDIDATES = 8192
@@ -169,6 +178,7 @@ def _gumbel_score(z, token, key):
 
 @triton.jit
 def _mass(z, m):
+    # The integer mass (float64) of scaled logit z under max m: kept_tokens' MASS_UNIT units.
     return tl.floor(tl.exp(z.to(tl.float64) - m.to(tl.float64)) * 4294967296.0)
 
 
