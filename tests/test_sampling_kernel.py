@@ -11,6 +11,7 @@ from tests.kernel_testing import DEVICE, kernel_test_setup, select_interpreter
 select_interpreter()
 
 import kernels.sampling  # noqa: E402
+from minivllm.checks import FLOAT32_MAX  # noqa: E402
 from kernels import gumbel_argmax, gumbel_argmax_ref, sample, sample_ref  # noqa: E402
 from kernels.sampling import kept_tokens  # noqa: E402
 from minivllm.layers.sampler import noise_keys  # noqa: E402
@@ -108,6 +109,26 @@ def test_sample_picks_the_references_tokens(ties, banned, candidates, monkeypatc
     assert kept.gather(-1, got[:, None]).all()
     # The filters decide: some rows would draw a dropped token without them.
     assert not kept.gather(-1, gumbel_argmax(*inputs[:2], keys)[:, None]).all()
+
+
+@runs_kernels
+@pytest.mark.parametrize("case", ["min_temperature", "max_temperature", "flat", "one_finite", "signed_zeros"])
+def test_sample_matches_the_reference_on_edge_rows(case):
+    vocab = 3000
+    logits = (torch.randn(4, vocab, generator=torch.Generator().manual_seed(9)) * 3).to(DEVICE)
+    temperature = {"min_temperature": 1e-7, "max_temperature": FLOAT32_MAX}.get(case, 0.8)
+    if case == "flat":  # one tie over the whole row
+        logits = torch.zeros_like(logits)
+    elif case == "one_finite":  # everything else banned; row 1 keeps a second token
+        logits = torch.full_like(logits, float("-inf"))
+        logits[:, 17], logits[1, 2000] = 2.0, 1.0
+    elif case == "signed_zeros":  # -0 and +0 are one value
+        logits = torch.tensor([0.0, -0.0, -1.0, -0.0, 0.0, -2.0], device=DEVICE).repeat(4, vocab // 6)
+    top_ks = torch.tensor([1, 50, -1, 3], device=DEVICE)
+    top_ps = torch.tensor([1.0, 0.5, 0.9, 1e-30], device=DEVICE)
+    inputs = (logits, torch.full((4,), temperature, device=DEVICE), top_ks, top_ps,
+              noise_keys(torch.arange(4, device=DEVICE), torch.zeros(4, dtype=torch.int64, device=DEVICE)))
+    assert torch.equal(sample(*inputs), sample_ref(*inputs))
 
 
 @runs_kernels
