@@ -365,10 +365,13 @@ def sample(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tenso
     (int64 in [0, 2^32)); the kept set is defined above ``SEARCH_PIVOTS``. No host synchronisation and no
     control flow on the values: a CUDA graph can capture it. Two launches: ``gumbel_argmax`` for every
     row, then the top-k/top-p kernel, which returns at once for rows that need neither."""
-    _check_row_vector("sample", "top_ks", top_ks, logits, torch.int64)
-    _check_row_vector("sample", "top_ps", top_ps, logits, torch.float32)
+    if logits.dim() != 2 or logits.dtype != torch.float32:
+        raise ValueError(f"sample: logits {tuple(logits.shape)} {logits.dtype} must be [B, V] float32")
+    check_tensors("sample", logits=logits)
+    for name, t, dtype in (("temperatures", temperatures, torch.float32), ("top_ks", top_ks, torch.int64),
+                           ("top_ps", top_ps, torch.float32), ("noise_keys", noise_keys, torch.int64)):
+        _check_row_vector("sample", name, t, logits, dtype)
     if not use_triton(logits):
-        gumbel_argmax(logits, temperatures, noise_keys)  # its input checks
         return sample_ref(logits, temperatures, top_ks, top_ps, noise_keys)
     out = gumbel_argmax(logits, temperatures, noise_keys)
     rows = logits.shape[0]
