@@ -46,7 +46,8 @@ def _gumbel_argmax_kernel(LOGITS, TEMPERATURES, KEYS, OUT, stride_b, V, MIN_T, B
         logit = tl.load(LOGITS + b * stride_b + cols, mask=mask, other=0.0)
         bits = _hash32(key ^ _hash32(cols.to(tl.int64)))
         u = (bits.to(tl.float64) + 0.5) / 4294967296.0
-        noisy = (logit / t).to(tl.float64) - tl.log(-tl.log(u))
+        # div_rn: Triton's fp32 ``/`` is div.full.f32 (2 ulp), torch's the IEEE quotient.
+        noisy = tl.math.div_rn(logit, t).to(tl.float64) - tl.log(-tl.log(u))
         score = tl.where(greedy, logit.to(tl.float64), noisy)
         score = tl.where(mask, score, -float("inf"))
         better = score > best
@@ -129,10 +130,10 @@ def gumbel_argmax_ref(logits, temperatures, noise_keys):
 
 SEARCH_PIVOTS = 8
 CANDIDATES = 8192
-# One program per row (16 warps; ptxas for sm_90: 128 registers, ~400 bytes of spills): blocks as large
-# as that holds.
+# One program per row (16 warps; ptxas for sm_90: 128 registers, ~300 bytes of spills; search blocks
+# of 2048 spill ~850): blocks as large as that holds.
 BLOCK_ROW = 4096  # the first and last passes
-BLOCK_SEARCH = 2048  # the search passes, which compare [BLOCK_SEARCH, SEARCH_PIVOTS] tiles
+BLOCK_SEARCH = 1024  # the search passes, which compare [BLOCK_SEARCH, SEARCH_PIVOTS] tiles
 # Loads issued this many blocks ahead (cp.async into shared memory, 96 KB at these blocks): one block in
 # flight per SM would leave a pass bound by DRAM latency, not bandwidth.
 PIPELINE_STAGES = 3
@@ -164,7 +165,7 @@ def _load_scaled(ROW, CZ, CI, from_row, start, n, t, BLOCK: tl.constexpr):
     logit = tl.load(ROW + pos, mask=tl.where(from_row != 0, mask, False), other=0.0)
     cand = tl.load(CZ + pos, mask=tl.where(from_row == 0, mask, False), other=0.0)
     token = tl.load(CI + pos, mask=tl.where(from_row == 0, mask, False), other=0)
-    z = tl.where(from_row != 0, logit / t, cand)
+    z = tl.where(from_row != 0, tl.math.div_rn(logit, t), cand)  # IEEE, as torch divides (not div.full)
     return z, tl.where(from_row != 0, pos, token).to(tl.int64), mask
 
 
