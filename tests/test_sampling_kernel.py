@@ -166,3 +166,24 @@ def test_sample_on_cuda_at_the_qwen3_vocabulary(rows):
     got = sample(logits, temperatures, top_ks, top_ps, keys)
     assert torch.equal(got, sample_ref(logits, temperatures, top_ks, top_ps, keys))
     assert torch.equal(got, sample_ref(*(x.cpu() for x in (logits, temperatures, top_ks, top_ps, keys))).cuda())
+
+
+@pytest.mark.gpu
+def test_sample_in_graph_replays_a_captured_draw():
+    # The sampler inside a CUDA graph: no host sync to refuse the capture, and a replay on new inputs
+    # (copied into the captured tensors) draws what the eager reference draws from them.
+    from minivllm.layers.sampler import Sampler
+    sampler, rows, vocab = Sampler(), 64, 151936
+    logits, temperatures, top_ks, top_ps, _ = filtered_inputs(rows, vocab, seed=3)
+    seeds = torch.arange(rows, device=DEVICE)
+    steps = torch.zeros(rows, dtype=torch.int64, device=DEVICE)
+    static = [logits, temperatures, top_ks, top_ps, seeds, steps]
+    sampler.sample_in_graph(*static)  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = sampler.sample_in_graph(*static)
+    fresh = filtered_inputs(rows, vocab, seed=4)[:4] + [seeds + 1000, steps + 7]
+    for buffer, value in zip(static, fresh):
+        buffer.copy_(value)
+    graph.replay()
+    assert torch.equal(out, sample_ref(*fresh[:4], noise_keys(fresh[4], fresh[5])))
