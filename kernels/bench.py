@@ -20,8 +20,9 @@ Writes ``<out>/kernels-<gpu slug>.json`` and prints a table. Implementations (bf
   norm_linear_chain   what fusion="norm_linear" runs for the same work: fused, then the
                       engine's QK-norm, RoPE and store_kvcache, or SiLU * up (a Triton kernel each)
   sweep               (--sweep) the decode kernel at M=1 on a BLOCK_N x BLOCK_K grid
-  sampler             (--sampler) temperature sampling of [M, vocab] fp32 logits: gumbel_argmax (one
-                      pass) against its eager torch reference; the floor is one read of the logits
+  sampler             (--sampler) sampling of [M, vocab] fp32 logits, temperature alone, top-k 50,
+                      top-p 0.9 and both: kernels.sample against the full-vocabulary sort it replaced
+                      (torch_sort) and gumbel_argmax (one pass); the floor is one read of the logits
   pdl_chain           (--pdl) programmatic dependent launch (kernels.guard) on and off: chains of
                       PDL_LAYERS * 4 M=1 GEMVs of one Qwen3-0.6B shape each (own weights, so HBM
                       reads; configs pinned: PDL_GEMV_CONFIGS), one CUDA graph per chain;
@@ -281,25 +282,53 @@ def bench_linear(op, M, rep):
     return rows
 
 
-SAMPLER_MS = (1, 32, 256)
+SAMPLER_MS = (1, 8, 64, 256)
+SAMPLER_MODES = {"temperature": (-1, 1.0), "top_k": (50, 1.0), "top_p": (-1, 0.9), "top_k_top_p": (50, 0.9)}
+
+
+def torch_sort_sample(logits, temperatures, top_ks, top_ps, keys):
+    """What the engine ran before ``kernels.sample`` for top-k/top-p: a sort of the whole vocabulary,
+    the cumulative softmax in sorted order, a scatter back, and float64 Gumbel noise over [B, V]."""
+    from kernels.sampling import MIN_TEMPERATURE, token_noise
+    z = logits / temperatures.clamp(min=MIN_TEMPERATURE)[:, None]
+    ordered, order = z.sort(-1, descending=True)
+    vocab = z.shape[-1]
+    rank = torch.arange(vocab, device=z.device)[None, :]
+    drop = rank >= torch.where(top_ks > 0, top_ks, vocab)[:, None]
+    probs = ordered.masked_fill(drop, float("-inf")).softmax(-1)
+    drop |= ((probs.cumsum(-1) - probs) >= top_ps[:, None]) & (rank > 0)
+    z = torch.empty_like(z).scatter_(-1, order, ordered.masked_fill(drop, float("-inf")))
+    sampled = (z.double() - torch.log(-torch.log(token_noise(keys, vocab)))).argmax(-1)
+    return torch.where(temperatures > 0, sampled, logits.argmax(-1))
 
 
 def bench_sampler(rep):
-    """Temperature sampling at the Qwen3 vocabulary: the one-pass kernel and the eager reference."""
-    from kernels.sampling import gumbel_argmax, gumbel_argmax_ref
+    """Sampling at the Qwen3 vocabulary, per mode (temperature alone, top-k 50, top-p 0.9, both):
+    ``kernels.sample`` (fused) against, with top-k/top-p, the sort path it replaced (torch_sort), and
+    for temperature alone the one-pass kernel by itself (gumbel_argmax) and its eager reference
+    (eager_unfused). The floor is one read of the fp32 logits at the measured copy bandwidth."""
+    from kernels.sampling import gumbel_argmax, gumbel_argmax_ref, sample, sample_ref
     rows = []
     vocab = MODELS[0].vocab
-    for M in SAMPLER_MS:
-        sets = [(torch.randn(M, vocab, device="cuda") * 3, torch.rand(M, device="cuda") + 0.1,
+    for (mode, (top_k, top_p)), M in itertools.product(SAMPLER_MODES.items(), SAMPLER_MS):
+        # bf16-rounded logits, as the model makes them (ties included), at T in [0.1, 1.1)
+        sets = [((torch.randn(M, vocab, device="cuda") * 3).bfloat16().float(), torch.rand(M, device="cuda") + 0.1,
+                 torch.full((M,), top_k, device="cuda"), torch.full((M,), top_p, device="cuda"),
                  torch.randint(0, 2**32, (M,), device="cuda")) for _ in range(4)]
-        exact = gumbel_argmax_ref(*sets[0])
+        exact = sample_ref(*sets[0])
         floor = M * vocab * 4 / CEILINGS["copy_bytes_per_s"] * 1e6
-        for impl, fn in (("fused", gumbel_argmax), ("eager_unfused", gumbel_argmax_ref)):
+        # Without top-k/top-p the engine ran gumbel_argmax before (eager_unfused before that), with them the sort.
+        impls = {"fused": sample, **({"gumbel_argmax": lambda x, t, k, p, keys: gumbel_argmax(x, t, keys),
+                                      "eager_unfused": lambda x, t, k, p, keys: gumbel_argmax_ref(x, t, keys)}
+                                     if mode == "temperature" else {"torch_sort": torch_sort_sample})}
+        for impl, fn in impls.items():
             same = bool(torch.equal(fn(*sets[0]), exact))
             us = time_us(lambda s, fn=fn: fn(*s), sets, rep)
             rows.append({"op": "sampler", "model": MODELS[0].name, "M": M, "N": vocab, "K": None, "dtype": "fp32",
-                         "impl": impl, "us_median": us, "floor_us": floor, "same_tokens_as_reference": same})
-            print(f"  sampler M={M:<4} {impl:<14} {us:9.2f} us (floor {floor:.2f}), same tokens: {same}", flush=True)
+                         "impl": impl, "mode": mode, "us_median": us, "floor_us": floor,
+                         "same_tokens_as_reference": same})
+            print(f"  sampler {mode:<12} M={M:<4} {impl:<14} {us:9.2f} us (floor {floor:.2f}, "
+                  f"{us / floor:5.2f}x), same tokens: {same}", flush=True)
     return rows
 
 
@@ -465,7 +494,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"M in {QUICK_MS} only, shorter timing")
     parser.add_argument("--sweep", action="store_true", help="add the BLOCK_N x BLOCK_K sweep at M=1")
-    parser.add_argument("--sampler", action="store_true", help="add the sampler at the vocabulary (batch 1, 32, 256)")
+    parser.add_argument("--sampler", action="store_true", help=f"add the sampler (batch {SAMPLER_MS})")
     parser.add_argument("--pdl", action="store_true", help=f"add GEMV chains ({4 * PDL_LAYERS} kernels in a CUDA "
                                                              "graph) with programmatic dependent launch on and off")
     parser.add_argument("--out", default="data/results", help="output folder")

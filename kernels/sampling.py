@@ -7,6 +7,10 @@ fused into an argmax (what ``minivllm.layers.sampler`` computes in about a dozen
 ``key_b`` the row's 32-bit noise key (``minivllm.layers.sampler.noise_keys``): the same noise, the
 same float64 sum and the same first-index tie rule as the torch reference, so the two pick the same
 tokens. Rows with ``T_b = 0`` are greedy: the argmax of their logits, with no noise.
+
+``sample(logits, temperatures, top_ks, top_ps, noise_keys)`` adds per-row top-k and top-p without a
+sort and without a host sync (a CUDA graph can capture it): the same draw over the tokens the filters
+keep, defined below with its torch reference ``sample_ref``.
 """
 import torch
 
@@ -44,7 +48,8 @@ def _gumbel_argmax_kernel(LOGITS, TEMPERATURES, KEYS, OUT, stride_b, V, MIN_T, B
         logit = tl.load(LOGITS + b * stride_b + cols, mask=mask, other=0.0)
         bits = _hash32(key ^ _hash32(cols.to(tl.int64)))
         u = (bits.to(tl.float64) + 0.5) / 4294967296.0
-        noisy = (logit / t).to(tl.float64) - tl.log(-tl.log(u))
+        # div_rn: Triton's fp32 ``/`` is div.full.f32 (2 ulp), torch's the IEEE quotient.
+        noisy = tl.math.div_rn(logit, t).to(tl.float64) - tl.log(-tl.log(u))
         score = tl.where(greedy, logit.to(tl.float64), noisy)
         score = tl.where(mask, score, -float("inf"))
         better = score > best
@@ -101,3 +106,308 @@ def gumbel_argmax_ref(logits, temperatures, noise_keys):
     gumbel = -torch.log(-torch.log(token_noise(noise_keys, logits.shape[-1])))
     sampled = ((logits / temperatures.clamp(min=MIN_TEMPERATURE)[:, None]).double() + gumbel).argmax(-1)
     return torch.where(temperatures > 0, sampled, logits.argmax(-1))
+
+
+# ---- top-k / top-p: thresholds found by counting, not by sorting -----------------------------------
+#
+# ``sample(logits, temperatures, top_ks, top_ps, noise_keys)`` keeps, per row, the tokens whose scaled
+# logit z = fp32(logit / max(T, MIN_TEMPERATURE)) is at least a threshold, then takes the same Gumbel-max
+# argmax as ``gumbel_argmax`` over the kept tokens (same noise: a request's tokens do not depend on its
+# batch). The kept set, defined by values so that no sort is needed and ties cannot depend on one:
+#   top-k (0 < k < V): z >= z_(k), the k-th largest z counting repeats; tokens tied with it are all kept.
+#   top-p (p < 1), over the top-k set K: each token's mass is its probability relative to the top token
+#     in whole units of 2^-32, w = trunc(exp(float64(z) - float64(max z)) * 2^32), an integer, so a sum of
+#     masses is exact in any order; S = the sum over K. Kept: z >= the largest value d of K whose suffix
+#     mass (w summed over z >= d) reaches p * S (float64). That is the smallest prefix of K sorted by
+#     probability whose mass reaches p, the boundary token's ties all kept; the top token always stays.
+# The kernel (one program per row, after ``gumbel_argmax``; rows without top-k/top-p, and greedy ones,
+# keep its token: one pass) reads the row for max z and a histogram of the top BIN_BITS bits of the
+# order-preserving integer key of z, which brackets each threshold between two bin edges (exactly for
+# counts; with integer bounds for masses). A multiway bisection on the key narrows the bracket: each pass
+# counts the tokens (or sums the masses) above SEARCH_PIVOTS pivots and snaps the bracket to the keys
+# present. The first pass over the row also copies the (at most CANDIDATES) tokens of the top bins that
+# can hold them, with a pivot at their bound: if the threshold lies above it, later passes and the final
+# Gumbel-max read the copies only. Typically (top-k 50, top-p 0.9, both) that is three reads of the row
+# in all (gumbel_argmax's, the histogram's, one search pass) and a few passes over the candidates.
+
+SEARCH_PIVOTS = 8
+CANDIDATES = 8192
+# One program per row (16 warps; ptxas for sm_90: 128 registers, ~300 bytes of spills; search blocks
+# of 2048 spill ~850): blocks as large as that holds.
+BLOCK_ROW = 4096  # the first and last passes
+BLOCK_SEARCH = 1024  # the search passes, which compare [BLOCK_SEARCH, SEARCH_PIVOTS] tiles
+# Loads issued this many blocks ahead (cp.async into shared memory, 96 KB at these blocks): one block in
+# flight per SM would leave a pass bound by DRAM latency, not bandwidth.
+PIPELINE_STAGES = 3
+BIN_BITS = 12  # the first pass's histogram of keys: sign, exponent and 3 mantissa bits (1/8 binade)
+MASS_UNIT = 2.0**32  # masses are integers below V * 2^32 < 2^53: float64 sums of them are exact
+
+
+@triton.jit
+def _order_key(z):
+    # fp32 -> int32 with the same order (-0 and +0 one key, as they compare equal).
+    bits = z.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return tl.where(z == 0.0, 0, key).to(tl.int64)
+
+
+@triton.jit
+def _key_value(key):
+    k = key.to(tl.int32)
+    return tl.where(k < 0, k ^ 0x7FFFFFFF, k).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _load_scaled(ROW, CZ, CI, from_row, start, n, t, BLOCK: tl.constexpr):
+    # Block ``start`` of the row's scaled logits (from the logits) or of its candidates (from the buffer):
+    # the other load is masked off and reads nothing.
+    pos = start + tl.arange(0, BLOCK)
+    mask = pos < n
+    # (A scalar condition joins a vector one through ``where``: the interpreter's ``&`` of the two is an int.)
+    logit = tl.load(ROW + pos, mask=tl.where(from_row != 0, mask, False), other=0.0)
+    cand = tl.load(CZ + pos, mask=tl.where(from_row == 0, mask, False), other=0.0)
+    token = tl.load(CI + pos, mask=tl.where(from_row == 0, mask, False), other=0)
+    z = tl.where(from_row != 0, tl.math.div_rn(logit, t), cand)  # IEEE, as torch divides (not div.full)
+    return z, tl.where(from_row != 0, pos, token).to(tl.int64), mask
+
+
+@triton.jit
+def _gumbel_score(z, token, key):
+    # gumbel_argmax's score: the same noise of (row key, token id), the same float64 sum.
+    bits = _hash32(key ^ _hash32(token))
+    u = (bits.to(tl.float64) + 0.5) / 4294967296.0
+    return z.to(tl.float64) - tl.log(-tl.log(u))
+
+
+@triton.jit
+def _mass(z, m):
+    # The integer mass (float64) of scaled logit z under max m: kept_tokens' MASS_UNIT units.
+    return tl.floor(tl.exp(z.to(tl.float64) - m.to(tl.float64)) * 4294967296.0)
+
+
+@triton.jit
+def _pivots(lo, hi, vmin, it, NP: tl.constexpr):
+    # NP pivots in (lo, hi), non-decreasing: even in value while the interval spans more than a binade
+    # (2^23 keys; keys are dense near 0 and sparse far from it), for at most 4 passes (a far outlier
+    # could make value splits slow), then even in key: at most 8 more passes of 8 pivots reach one key.
+    j = tl.arange(0, NP).to(tl.int64) + 1
+    span = hi - lo
+    by_key = lo + (span * j + NP) // (NP + 1)
+    vlo = tl.maximum(_key_value(lo), vmin)
+    vhi = _key_value(hi - 1)
+    by_value = _order_key(vlo + (vhi - vlo) * (j.to(tl.float32) / (NP + 1)))
+    piv = tl.where(tl.where(it < 4, span > 8388608, False), by_value, by_key)
+    return tl.minimum(tl.maximum(piv, lo + 1), hi - 1)
+
+
+@triton.jit
+def _threshold(ROW, CZ, CI, from_row, n, t, m, vmin, floor, lo, hi, above_lo, spec, target, top_p,
+               MASS: tl.constexpr, NP: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr,
+               STAGES: tl.constexpr):
+    """The largest key x with f(x) >= target, for f(x) = the count (MASS False) or the mass (True) of the
+    tokens with key >= max(x, floor); given f(lo) >= target > f(hi) and at most ``above_lo`` tokens at
+    or above lo. For the mass, ``target`` is computed by the first pass, top_p * S (S: the mass of all
+    tokens with key >= floor). Also returns where the tokens are read from next and how many: each pass
+    over the row copies the tokens at or above lo if at most CAP are, else those at or above ``spec``
+    (at most CAP are), and reads the copies from then on if its own new lo is not below them."""
+    it = 0
+    while hi - lo > 1:
+        piv = _pivots(lo, hi, vmin, it, NP)
+        # On the row, one pivot at ``spec`` decides whether this pass's copy can serve.
+        at_spec = tl.where(from_row != 0, tl.where(spec > lo, spec < hi, False), False)
+        piv = tl.where(tl.where(at_spec, tl.arange(0, NP) == 0, False), spec, piv)
+        piv_value = _key_value(piv)
+        copy = from_row != 0
+        copy_from = tl.where(above_lo <= CAP, lo, spec)
+        # Reduced every block (registers for [NP], not [BLOCK, NP]); integer sums, so exact in any order:
+        # counts below 2^24 in float32, masses below 2^53 in float64.
+        count = tl.zeros([NP], tl.float32)
+        mass = tl.zeros([NP], tl.float64)
+        total = tl.zeros([], tl.float64)
+        dmin = tl.full([BLOCK], 2**62, tl.int64)
+        dmax = tl.full([BLOCK], -2**62, tl.int64)
+        copied = 0
+        for start in tl.range(0, n, BLOCK, num_stages=STAGES):
+            z, token, mask = _load_scaled(ROW, CZ, CI, from_row, start, n, t, BLOCK)
+            key = _order_key(z)
+            mask = mask & (key >= floor)
+            # Comparing values is comparing keys (pivots are never -0 bar key -1, which orders alike).
+            ge = (z[:, None] >= piv_value[None, :]) & mask[:, None]
+            count += tl.sum(ge.to(tl.float32), 0)
+            if MASS:
+                w = tl.where(mask, _mass(z, m), 0.0)
+                mass += tl.sum(tl.where(ge, w[:, None], 0.0), 0)
+                total += tl.sum(w, 0)
+                live = w > 0
+            else:
+                live = mask
+            live = live & (key >= lo) & (key < hi)
+            dmin = tl.minimum(dmin, tl.where(live, key, 2**62))
+            dmax = tl.maximum(dmax, tl.where(live, key, -2**62))
+            if copy:
+                keep = mask & (key >= copy_from)
+                at = copied + tl.cumsum(keep.to(tl.int32), 0) - 1
+                tl.store(CZ + at, z, mask=keep)
+                tl.store(CI + at, token.to(tl.int32), mask=keep)
+                copied += tl.sum(keep.to(tl.int32), 0)
+        count_at = count
+        if MASS:
+            if it == 0:
+                target = top_p.to(tl.float64) * total
+            f = mass
+        else:
+            f = count_at.to(tl.float64)
+        ok = f >= target
+        # f falls as x grows, so the pivots that reach the target all lie below those that do not
+        # (in any order: ``spec`` may come first).
+        new_lo = tl.max(tl.where(ok, piv, lo), 0)
+        new_hi = tl.min(tl.where(ok, hi, piv), 0)
+        above_lo = tl.min(tl.where(ok, count_at, above_lo.to(tl.float32)), 0).to(tl.int32)
+        # No counted token lies in [lo, dmin) or (dmax, hi): f is the same there, so snap to the data.
+        lo = tl.maximum(new_lo, tl.min(dmin, 0))
+        hi = tl.minimum(new_hi, tl.max(dmax, 0) + 1)
+        copied_all = tl.where(copy, lo >= copy_from, False)  # all tokens that can still be kept
+        n = tl.where(copied_all, copied, n)
+        from_row = tl.where(copied_all, 0, from_row)
+        it += 1
+    return lo, from_row, n
+
+
+@triton.jit
+def _top_k_top_p_kernel(LOGITS, TEMPERATURES, TOP_KS, TOP_PS, KEYS, CZ, CI, OUT, stride_b, V, MIN_T,
+                        NP: tl.constexpr, CAP: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK: tl.constexpr,
+                        BINS: tl.constexpr, BIN_SHIFT: tl.constexpr, STAGES: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    t = tl.load(TEMPERATURES + b)
+    top_k = tl.load(TOP_KS + b)
+    top_p = tl.load(TOP_PS + b)
+    use_k = tl.where(top_k > 0, top_k < V, False)
+    use_p = top_p < 1.0
+    if tl.where(t > 0.0, tl.where(use_k, True, use_p), False):  # else gumbel_argmax's token stands
+        t = tl.maximum(t, MIN_T)
+        row = LOGITS + b * stride_b
+        cz = CZ + b * CAP
+        ci = CI + b * CAP
+        from_row = tl.full([], 1, tl.int32)  # 1: read the row; 0 once the candidates are copied
+        hist = tl.zeros([BINS], tl.int32)
+        zmax = tl.full([BLOCK_V], -float("inf"), tl.float32)
+        zmin = tl.full([BLOCK_V], float("inf"), tl.float32)
+        finite_min = tl.full([BLOCK_V], float("inf"), tl.float32)
+        for start in tl.range(0, V, BLOCK_V, num_stages=STAGES):
+            z, token, mask = _load_scaled(row, cz, ci, from_row, start, V, t, BLOCK_V)
+            zmax = tl.maximum(zmax, tl.where(mask, z, -float("inf")))
+            zmin = tl.minimum(zmin, tl.where(mask, z, float("inf")))
+            finite_min = tl.minimum(finite_min, tl.where(mask & (z > -float("inf")), z, float("inf")))
+            hist += tl.histogram(((_order_key(z) + 2**31) >> BIN_SHIFT).to(tl.int32), BINS, mask=mask)
+        m = tl.max(zmax, 0)
+        vmin = tl.min(finite_min, 0)
+        top = _order_key(m)
+        bottom = _order_key(tl.min(zmin, 0))
+        # The histogram of the keys' top bits brackets each threshold between two bin edges before any
+        # search pass, so that the first one can already copy the candidates.
+        edge = (tl.arange(0, BINS).to(tl.int64) << BIN_SHIFT) - 2**31  # each bin's smallest key
+        above = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # tokens with key >= edge
+        spec = tl.min(tl.where(above <= CAP, edge, 2**31), 0)  # the most bins that CAP tokens can hold
+        n = V
+        tau_k = bottom
+        if use_k:
+            reach = above >= top_k
+            lo = tl.maximum(tl.max(tl.where(reach, edge, bottom), 0), bottom)
+            hi = tl.minimum(tl.min(tl.where(reach, top + 1, edge), 0), top + 1)
+            tau_k, from_row, n = _threshold(row, cz, ci, from_row, n, t, m, vmin, bottom, lo, hi,
+                                            tl.min(tl.where(reach, above, V), 0), spec, top_k.to(tl.float64), top_p,
+                                            False, NP, CAP, BLOCK, STAGES)
+        tau = tau_k
+        if use_p:
+            # Integer bounds of each bin's mass (its count times the masses at its ends), exact in float64:
+            # a lower bound of the suffix mass that reaches p * (an upper bound of S) is a valid lo, an
+            # upper bound below p * (a lower bound of S) a valid hi.
+            whole = edge >= tau_k  # bins entirely at or above the floor
+            count = tl.where(edge + (1 << BIN_SHIFT) > tau_k, hist, 0).to(tl.float64)
+            # (Ends clamped to the data's keys: the keys beyond them include NaNs.)
+            first = _key_value(tl.minimum(tl.maximum(edge, bottom), top))
+            last = _key_value(tl.minimum(tl.maximum(edge + (1 << BIN_SHIFT) - 1, bottom), top))
+            low = tl.where(whole & (hist > 0), count * _mass(first, m), 0.0)
+            high = tl.where(hist > 0, count * _mass(last, m), 0.0)
+            low_above = tl.sum(low, 0) - tl.cumsum(low, 0) + low
+            high_above = tl.sum(high, 0) - tl.cumsum(high, 0) + high
+            reach = whole & (low_above >= top_p.to(tl.float64) * tl.sum(high, 0))
+            lo = tl.maximum(tl.max(tl.where(reach, edge, tau_k), 0), tau_k)
+            short = high_above < top_p.to(tl.float64) * tl.sum(low, 0)
+            hi = tl.minimum(tl.min(tl.where(short, edge, top + 1), 0), top + 1)
+            tau, from_row, n = _threshold(row, cz, ci, from_row, n, t, m, vmin, tau_k, lo, hi,
+                                          tl.min(tl.where(reach, above, n), 0), spec, top_p.to(tl.float64), top_p,
+                                          True, NP, CAP, BLOCK, STAGES)
+        tau = tl.minimum(tau, top)  # the top token always stays (top_p may be 0 in float32)
+        key_b = tl.load(KEYS + b)
+        best = tl.full([BLOCK_V], -float("inf"), tl.float64)
+        best_token = tl.zeros([BLOCK_V], tl.int64)
+        for start in tl.range(0, n, BLOCK_V, num_stages=STAGES):
+            z, token, mask = _load_scaled(row, cz, ci, from_row, start, n, t, BLOCK_V)
+            score = _gumbel_score(z, token, key_b)
+            score = tl.where(mask & (_order_key(z) >= tau), score, -float("inf"))
+            # Candidates are in token order, as the row is: strictly greater keeps the first of a tie.
+            better = score > best
+            best = tl.where(better, score, best)
+            best_token = tl.where(better, token, best_token)
+        top_score = tl.max(best, axis=0)
+        tl.store(OUT + b, tl.min(tl.where(best == top_score, best_token, V), axis=0))
+
+
+def _check_row_vector(op: str, name: str, t: torch.Tensor, logits: torch.Tensor, dtype: torch.dtype):
+    rows = logits.shape[0]
+    if t.shape != (rows,) or t.dtype != dtype or t.device != logits.device:
+        raise ValueError(f"{op}: {name} {tuple(t.shape)} {t.dtype} on {t.device} must be [{rows}] {dtype} on "
+                         f"the logits' device")
+
+
+def sample(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor,
+           noise_keys: torch.Tensor) -> torch.Tensor:
+    """Sampled token ids [B] (int64) from ``logits`` [B, V] (fp32), per-row ``temperatures`` (fp32; 0 is
+    greedy), ``top_ks`` (int64; <= 0 or >= V: off), ``top_ps`` (fp32; >= 1: off) and ``noise_keys``
+    (int64 in [0, 2^32)); the kept set is defined above ``SEARCH_PIVOTS``. No host synchronisation and no
+    control flow on the values: a CUDA graph can capture it. Two launches: ``gumbel_argmax`` for every
+    row, then the top-k/top-p kernel, which returns at once for rows that need neither."""
+    if logits.dim() != 2 or logits.dtype != torch.float32:
+        raise ValueError(f"sample: logits {tuple(logits.shape)} {logits.dtype} must be [B, V] float32")
+    check_tensors("sample", logits=logits)
+    for name, t, dtype in (("temperatures", temperatures, torch.float32), ("top_ks", top_ks, torch.int64),
+                           ("top_ps", top_ps, torch.float32), ("noise_keys", noise_keys, torch.int64)):
+        _check_row_vector("sample", name, t, logits, dtype)
+    if not use_triton(logits):
+        return sample_ref(logits, temperatures, top_ks, top_ps, noise_keys)
+    out = gumbel_argmax(logits, temperatures, noise_keys)
+    rows = logits.shape[0]
+    if rows:
+        cand_z = torch.empty(rows, CANDIDATES, dtype=torch.float32, device=logits.device)
+        cand_i = torch.empty(rows, CANDIDATES, dtype=torch.int32, device=logits.device)
+        _top_k_top_p_kernel[(rows,)](logits, temperatures, top_ks, top_ps, noise_keys, cand_z, cand_i, out,
+                                     logits.stride(0), logits.shape[1], MIN_TEMPERATURE, NP=SEARCH_PIVOTS,
+                                     CAP=CANDIDATES, BLOCK_V=BLOCK_ROW, BLOCK=BLOCK_SEARCH, BINS=2**BIN_BITS,
+                                     BIN_SHIFT=32 - BIN_BITS, STAGES=PIPELINE_STAGES, num_warps=16)
+    return out
+
+
+def kept_tokens(z: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
+    """The top-k/top-p kept set [B, V] (bool) of scaled logits ``z`` (fp32), as defined above
+    ``SEARCH_PIVOTS``: here with a sort, whose order among ties cannot matter (thresholds are values)."""
+    vocab = z.shape[-1]
+    ordered = z.sort(-1, descending=True).values
+    k = torch.where((top_ks > 0) & (top_ks < vocab), top_ks, vocab)
+    tau_k = ordered.gather(-1, (k - 1)[:, None])
+    top = ordered[:, :1]
+    in_k = ordered >= tau_k
+    mass = torch.where(in_k, torch.floor(torch.exp(ordered.double() - top.double()) * MASS_UNIT), 0.0).cumsum(-1)
+    # The first sorted position whose suffix mass (the prefix here) reaches p * S is the threshold value.
+    reaches = mass >= top_ps.double()[:, None] * mass[:, -1:]
+    tau_p = ordered.gather(-1, reaches.int().argmax(-1, keepdim=True))
+    tau = torch.where((top_ps < 1)[:, None], torch.maximum(tau_k, tau_p), tau_k)
+    return (z >= tau) | (z == top)
+
+
+def sample_ref(logits, temperatures, top_ks, top_ps, noise_keys):
+    """``sample`` in eager torch: ``gumbel_argmax_ref``'s draw over the kept tokens only."""
+    z = logits / temperatures.clamp(min=MIN_TEMPERATURE)[:, None]
+    gumbel = -torch.log(-torch.log(token_noise(noise_keys, logits.shape[-1])))
+    scores = (z.double() + gumbel).masked_fill(~kept_tokens(z, top_ks, top_ps), float("-inf"))
+    return torch.where(temperatures > 0, scores.argmax(-1), logits.argmax(-1))

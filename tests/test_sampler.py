@@ -7,7 +7,8 @@ import torch
 from minivllm.checks import FLOAT32_MAX
 from minivllm.layers.logits_processors import apply_penalties
 from minivllm.layers.logprobs import token_logprobs
-from minivllm.layers.sampler import Sampler, _filter_top_k_top_p, sample_seed, uniform_noise
+from kernels.sampling import kept_tokens
+from minivllm.layers.sampler import Sampler, sample_seed, uniform_noise
 
 
 def test_noise_depends_only_on_seed_step_and_token():
@@ -27,10 +28,37 @@ def test_greedy_when_temperature_is_zero():
 
 def test_top_k_and_top_p_keep_the_right_tokens():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]]))
-    kept = _filter_top_k_top_p(logits, torch.tensor([2, -1]), torch.tensor([1.0, 0.6])).isfinite()
+    kept = kept_tokens(logits, torch.tensor([2, -1]), torch.tensor([1.0, 0.6]))
     assert kept.tolist() == [[True, True, False, False], [False, False, True, True]]
-    top_token_only = _filter_top_k_top_p(logits, torch.tensor([-1, -1]), torch.tensor([0.01, 0.01])).isfinite()
+    top_token_only = kept_tokens(logits, torch.tensor([-1, -1]), torch.tensor([0.01, 0.01]))
     assert top_token_only.sum(-1).tolist() == [1, 1]
+    # top-p applies to the top-k set renormalised: of 0.5, 0.3 (0.625, 0.375), 0.6 needs only the first.
+    assert kept_tokens(logits[:1], torch.tensor([2]), torch.tensor([0.6])).tolist() == [[True, False, False, False]]
+
+
+def test_thresholds_keep_every_token_tied_with_the_boundary():
+    # Thresholds are values: a token tied with the k-th largest, or with the token whose mass reaches
+    # p, is kept with it (a sort would keep whichever of the tied tokens it happened to put first).
+    logits = torch.tensor([[3.0, 1.0, 2.0, 2.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]])
+    assert kept_tokens(logits, torch.tensor([2, -1]), torch.ones(2)).tolist() == [
+        [True, False, True, True, False], [True, True, True, True, True]]
+    # Row 2: e / (e + 4) = 0.40 < 0.5, so the 0s are needed, and all four are kept.
+    assert kept_tokens(logits, torch.tensor([-1, -1]), torch.tensor([0.7, 0.5])).tolist() == [
+        [True, False, True, True, False], [True, True, True, True, True]]
+
+
+def test_top_p_compares_exact_integer_masses():
+    # Masses are whole units of 2^-32 of the top token's probability, their sum S exact: the top token
+    # alone is kept for p up to w_top / S and the next one joins right above it, to float32's last bit.
+    logits = torch.tensor([[0.0, -1.0]])
+    w = torch.floor(logits[0].double().exp() * 2**32)
+    edge = (w[0] / w.sum()).item()
+    below = torch.tensor(edge, dtype=torch.float32)
+    if below.item() > edge:
+        below = below.nextafter(torch.tensor(0.0))
+    above = below.nextafter(torch.tensor(1.0))
+    assert kept_tokens(logits, torch.tensor([-1]), below[None]).tolist() == [[True, False]]
+    assert kept_tokens(logits, torch.tensor([-1]), above[None]).tolist() == [[True, True]]
 
 
 def test_sampling_frequencies_follow_softmax():
@@ -41,6 +69,33 @@ def test_sampling_frequencies_follow_softmax():
                     torch.zeros(n, dtype=torch.long))
     freq = torch.bincount(out, minlength=4).double() / n
     assert (freq - probs.double()).abs().max() < 0.015  # ~4 standard errors at n = 20000
+
+
+@pytest.mark.parametrize("top_k, top_p, kept", [(3, 1.0, 3), (-1, 0.75, 3), (4, 0.7, 2), (2, 0.9, 2)])
+def test_filtered_sampling_follows_the_renormalised_distribution(top_k, top_p, kept):
+    # 0.4, 0.25, 0.15, 0.1, 0.06, 0.04: top-p 0.75 keeps 3 (0.8 reaches it); top-k 4 then p 0.7 of the
+    # renormalised 0.44, 0.28, 0.17, 0.11 keeps 2 (0.72); top-k 2 with p 0.9 keeps both.
+    probs = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
+    n = 20000
+    out = Sampler()(probs.log().expand(n, 6), torch.ones(n), torch.full((n,), top_k), torch.full((n,), top_p),
+                    torch.arange(n), torch.zeros(n, dtype=torch.long))
+    freq = torch.bincount(out, minlength=6).double() / n
+    expected = torch.cat([probs[:kept] / probs[:kept].sum(), torch.zeros(6 - kept)]).double()
+    assert (freq[kept:] == 0).all()
+    assert (freq - expected).abs().max() < 0.015  # ~4 standard errors at n = 20000
+
+
+def test_a_seeded_filtered_request_samples_the_same_token_in_any_batch():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 500, generator=gen) * 2
+    temperatures = torch.tensor([0.9, 0.0, 1.2, 0.7, 1.0, 0.5])
+    top_ks, top_ps = torch.tensor([40, -1, 5, -1, 1, 100]), torch.tensor([0.9, 1.0, 1.0, 0.5, 1.0, 0.95])
+    seeds, steps = torch.tensor([11, 12, 13, 14, 15, 16]), torch.tensor([4, 0, 2, 9, 1, 3])
+    batch = Sampler()(logits, temperatures, top_ks, top_ps, seeds, steps)
+    for i in range(6):
+        alone = Sampler()(logits[i:i + 1], temperatures[i:i + 1], top_ks[i:i + 1], top_ps[i:i + 1],
+                          seeds[i:i + 1], steps[i:i + 1])
+        assert alone.item() == batch[i].item()
 
 
 def hash32_reference(x: int) -> int:

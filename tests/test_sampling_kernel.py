@@ -1,5 +1,6 @@
 """The one-pass sampler kernel (``kernels.gumbel_argmax``) against its torch reference, which the
-engine's sampler ran before: the same tokens for the same (logits, temperatures, seeds, steps).
+engine's sampler ran before: the same tokens for the same (logits, temperatures, seeds, steps); and
+``kernels.sample`` (top-k/top-p thresholds by counting, no sort) against ``sample_ref``.
 
 Under Triton's interpreter on CPU, compiled on a GPU (see tests/kernel_testing.py)."""
 import pytest
@@ -9,7 +10,10 @@ from tests.kernel_testing import DEVICE, kernel_test_setup, select_interpreter
 
 select_interpreter()
 
-from kernels import gumbel_argmax, gumbel_argmax_ref  # noqa: E402
+import kernels.sampling  # noqa: E402
+from minivllm.checks import FLOAT32_MAX  # noqa: E402
+from kernels import gumbel_argmax, gumbel_argmax_ref, sample, sample_ref  # noqa: E402
+from kernels.sampling import kept_tokens  # noqa: E402
 from minivllm.layers.sampler import noise_keys  # noqa: E402
 
 ON_TRITON, runs_kernels, test_cpu_kernels_in_fresh_process = kernel_test_setup(__file__)
@@ -66,3 +70,120 @@ def test_gumbel_argmax_rejects_bad_inputs():
         gumbel_argmax(logits, temperatures[:2], keys)
     with pytest.raises(ValueError, match="noise_keys"):
         gumbel_argmax(logits, temperatures, keys.int())
+
+
+def filtered_inputs(rows, vocab, seed, ties=False, banned=False):
+    """Rows of every kind: greedy, plain, k = 1, 2, 50, V - 1, V (off), p tiny (0 in float32), 0.999,
+    1 (off), random k and p, both; integer logits for ties; every third token -inf (banned)."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=gen) * 3
+    if ties:
+        logits = logits.round()
+    if banned:
+        logits[:, 1::3] = float("-inf")
+    temperatures = torch.rand(rows, generator=gen) * 1.5
+    temperatures[::5] = 0.0
+    top_ks = torch.randint(1, vocab + 1, (rows,), generator=gen)
+    top_ks[::4] = torch.tensor([1, vocab, vocab - 1, 2, 50, -1, 0])[torch.arange(len(top_ks[::4])) % 7]
+    top_ps = torch.rand(rows, generator=gen)
+    top_ps[::3] = 1.0
+    top_ps[1::7] = 1e-30
+    top_ps[2::7] = 0.999
+    seeds = torch.randint(-2**63, 2**63 - 1, (rows,), generator=gen, dtype=torch.int64)
+    keys = noise_keys(seeds, torch.randint(0, 4096, (rows,), generator=gen))
+    return [x.to(DEVICE) for x in (logits, temperatures, top_ks, top_ps, keys)]
+
+
+@runs_kernels
+@pytest.mark.parametrize("ties, banned", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("candidates", [8192, 64])  # copied after the first search pass; mostly never
+def test_sample_picks_the_references_tokens(ties, banned, candidates, monkeypatch):
+    monkeypatch.setattr(kernels.sampling, "CANDIDATES", candidates)
+    inputs = filtered_inputs(28, 5000, seed=candidates + 2 * ties + banned, ties=ties, banned=banned)
+    got = sample(*inputs)
+    assert got.dtype == torch.int64 and got.shape == (28,)
+    assert torch.equal(got, sample_ref(*inputs))
+    logits, temperatures, top_ks, top_ps, keys = inputs
+    z = logits / temperatures.clamp(min=kernels.sampling.MIN_TEMPERATURE)[:, None]
+    kept = kept_tokens(z, top_ks, top_ps)
+    assert kept.gather(-1, got[:, None]).all()
+    # The filters decide: some rows would draw a dropped token without them.
+    assert not kept.gather(-1, gumbel_argmax(*inputs[:2], keys)[:, None]).all()
+
+
+@runs_kernels
+@pytest.mark.parametrize("case", ["min_temperature", "max_temperature", "flat", "one_finite", "signed_zeros"])
+def test_sample_matches_the_reference_on_edge_rows(case):
+    vocab = 3000
+    logits = (torch.randn(4, vocab, generator=torch.Generator().manual_seed(9)) * 3).to(DEVICE)
+    temperature = {"min_temperature": 1e-7, "max_temperature": FLOAT32_MAX}.get(case, 0.8)
+    if case == "flat":  # one tie over the whole row
+        logits = torch.zeros_like(logits)
+    elif case == "one_finite":  # everything else banned; row 1 keeps a second token
+        logits = torch.full_like(logits, float("-inf"))
+        logits[:, 17], logits[1, 2000] = 2.0, 1.0
+    elif case == "signed_zeros":  # -0 and +0 are one value
+        logits = torch.tensor([0.0, -0.0, -1.0, -0.0, 0.0, -2.0], device=DEVICE).repeat(4, vocab // 6)
+    top_ks = torch.tensor([1, 50, -1, 3], device=DEVICE)
+    top_ps = torch.tensor([1.0, 0.5, 0.9, 1e-30], device=DEVICE)
+    inputs = (logits, torch.full((4,), temperature, device=DEVICE), top_ks, top_ps,
+              noise_keys(torch.arange(4, device=DEVICE), torch.zeros(4, dtype=torch.int64, device=DEVICE)))
+    assert torch.equal(sample(*inputs), sample_ref(*inputs))
+
+
+@runs_kernels
+def test_sample_is_the_same_in_any_batch():
+    logits, temperatures, top_ks, top_ps, keys = filtered_inputs(12, 2500, seed=5)
+    batch = sample(logits, temperatures, top_ks, top_ps, keys)
+    for i in (0, 3, 7, 11):
+        alone = sample(*(x[i:i + 1] for x in (logits, temperatures, top_ks, top_ps, keys)))
+        assert alone.item() == batch[i].item()
+    # The rows without top-k/top-p are gumbel_argmax's draws.
+    plain = ~(((top_ks > 0) & (top_ks < 2500)) | (top_ps < 1))
+    assert torch.equal(batch[plain], gumbel_argmax(logits, temperatures, keys)[plain])
+
+
+def test_sample_rejects_bad_inputs():
+    logits, temperatures, top_ks, top_ps, keys = filtered_inputs(3, 50, seed=1)
+    with pytest.raises(ValueError, match="top_ks"):
+        sample(logits, temperatures, top_ks.int(), top_ps, keys)
+    with pytest.raises(ValueError, match="top_ps"):
+        sample(logits, temperatures, top_ks, top_ps[:2], keys)
+    with pytest.raises(ValueError, match="noise_keys"):
+        sample(logits, temperatures, top_ks, top_ps, keys.int())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 256])
+def test_sample_on_cuda_at_the_qwen3_vocabulary(rows):
+    # bf16 logits as the model makes them, then fp32 (as compute_logits hands them over): many ties.
+    vocab = 151936
+    logits, temperatures, top_ks, top_ps, keys = filtered_inputs(rows, vocab, seed=rows)
+    logits = logits.bfloat16().float()
+    top_ks[1::2] = torch.tensor([50, 20, 1000, -1], device=DEVICE).repeat(rows)[:len(top_ks[1::2])]
+    top_ps[1::4] = 0.9
+    temperatures[0], top_ks[0], top_ps[0] = 0.8, 50, 0.9  # at batch 1 too: both filters
+    got = sample(logits, temperatures, top_ks, top_ps, keys)
+    assert torch.equal(got, sample_ref(logits, temperatures, top_ks, top_ps, keys))
+    assert torch.equal(got, sample_ref(*(x.cpu() for x in (logits, temperatures, top_ks, top_ps, keys))).cuda())
+
+
+@pytest.mark.gpu
+def test_sample_in_graph_replays_a_captured_draw():
+    # The sampler inside a CUDA graph: no host sync to refuse the capture, and a replay on new inputs
+    # (copied into the captured tensors) draws what the eager reference draws from them.
+    from minivllm.layers.sampler import Sampler
+    sampler, rows, vocab = Sampler(), 64, 151936
+    logits, temperatures, top_ks, top_ps, _ = filtered_inputs(rows, vocab, seed=3)
+    seeds = torch.arange(rows, device=DEVICE)
+    steps = torch.zeros(rows, dtype=torch.int64, device=DEVICE)
+    static = [logits, temperatures, top_ks, top_ps, seeds, steps]
+    sampler.sample_in_graph(*static)  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = sampler.sample_in_graph(*static)
+    fresh = filtered_inputs(rows, vocab, seed=4)[:4] + [seeds + 1000, steps + 7]
+    for buffer, value in zip(static, fresh):
+        buffer.copy_(value)
+    graph.replay()
+    assert torch.equal(out, sample_ref(*fresh[:4], noise_keys(fresh[4], fresh[5])))

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import kernels
-from kernels.sampling import MASK32, MIN_TEMPERATURE, hash32_ref, token_noise
+from kernels.sampling import MASK32, hash32_ref, token_noise
 
 _MASK64 = 2**64 - 1
 _GOLDEN64 = 0x9E3779B97F4A7C15  # SplitMix64's increment
@@ -51,30 +51,13 @@ def sample_seed(seed: int, index: int) -> int:
 class Sampler(nn.Module):
     def forward(self, logits, temperatures, top_ks, top_ps, seeds, steps):
         """logits [B, V] (fp32); per-row temperature, top_k (<= 0: off), top_p, seed, step.
-        ``temperatures`` None: the whole batch is greedy (the caller knew it without a device sync).
-        Without top-k or top-p, one pass over the logits (``kernels.gumbel_argmax``; its torch
-        reference on CPU); with them, a sort of the vocabulary first."""
-        if temperatures is None or not bool((temperatures > 0).any()):
+        ``temperatures`` None: the whole batch is greedy (the caller knew it without a device sync)."""
+        if temperatures is None:
             return logits.argmax(-1)
-        keys = noise_keys(seeds, steps)
-        if not (bool((top_ks > 0).any()) or bool((top_ps < 1).any())):
-            return kernels.gumbel_argmax(logits, temperatures, keys)
-        greedy = logits.argmax(-1)
-        logits = _filter_top_k_top_p(logits / temperatures.clamp(min=MIN_TEMPERATURE)[:, None], top_ks, top_ps)
-        gumbel = -torch.log(-torch.log(token_noise(keys, logits.shape[-1])))
-        sampled = (logits.double() + gumbel).argmax(-1)
-        return torch.where(temperatures > 0, sampled, greedy)
+        return self.sample_in_graph(logits, temperatures, top_ks, top_ps, seeds, steps)
 
-
-def _filter_top_k_top_p(logits, top_ks, top_ps):
-    sorted_logits, order = logits.sort(-1, descending=True)
-    vocab = logits.shape[-1]
-    rank = torch.arange(vocab, device=logits.device)[None, :]
-    k = torch.where(top_ks > 0, top_ks, vocab)[:, None]
-    drop = rank >= k
-    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
-    # Keep the smallest prefix whose mass reaches top_p. The top token always stays, also when
-    # top_p is below float32's smallest value and reads as 0 here.
-    drop |= ((probs.cumsum(-1) - probs) >= top_ps[:, None]) & (rank > 0)
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    def sample_in_graph(self, logits, temperatures, top_ks, top_ps, seeds, steps):
+        """The same draw with every input a tensor (greedy rows: temperature 0) and no host sync, so a
+        CUDA graph can capture it: ``kernels.sample`` (one pass for rows without top-k/top-p, a few
+        more with them; its torch reference on CPU)."""
+        return kernels.sample(logits, temperatures, top_ks, top_ps, noise_keys(seeds, steps))
