@@ -53,7 +53,7 @@ import triton
 from triton.runtime.errors import OutOfResources
 from triton.testing import do_bench, do_bench_cudagraph
 
-from kernels.guard import autotuned_configs, pdl
+from kernels.guard import PDL_ALLOWED, autotuned_configs, pdl
 from kernels.paged_attention import store_kvcache
 from kernels.rmsnorm import rmsnorm, rmsnorm_ref
 from kernels.rmsnorm_qkv import QKV_PATHS, kernel_for as qkv_kernel_for, rmsnorm_qkv_rope_store
@@ -547,6 +547,8 @@ def main(argv=None):
             rows += bench_sampler(rep)
             save()
     if args.pdl:
+        if not PDL_ALLOWED:
+            raise SystemExit("--pdl needs KERNELS_PDL=1 in the environment (PDL is opt-in: kernels.guard)")
         rows += bench_pdl(rep)
         save()
     print_table(rows)

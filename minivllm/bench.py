@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from kernels.guard import autotuned_configs
+from kernels.guard import PDL_ALLOWED, autotuned_configs
 from minivllm import LLM, SamplingParams, workloads
 from minivllm.config import FUSION_MODES
 from minivllm.costs import decode_floor_ms, measure_ceilings, throughput_floor_s
@@ -194,7 +194,7 @@ def main(argv=None):
     parser.add_argument("--gen-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=5, help="samples per configuration")
     parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument("--pdl", default="on", choices=("on", "off", "on,off", "off,on"),
+    parser.add_argument("--pdl", default="off", choices=("on", "off", "on,off", "off,on"),
                         help="programmatic dependent launch (Config.pdl): on, off, or both side by side (A/B)")
     parser.add_argument("--out", default="data/results")
     parser.add_argument("--tag", default="", help="suffix for the result file's benchmark name")
@@ -206,6 +206,8 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     args.fusion = list(FUSION_MODES) if args.fusion == "all" else args.fusion.split(",")
     args.pdl = [v == "on" for v in args.pdl.split(",")]
+    if any(args.pdl) and not PDL_ALLOWED:
+        parser.error("--pdl on needs KERNELS_PDL=1 in the environment (PDL is opt-in: kernels.guard)")
     args.peers = [p for p in args.peers.split(",") if p]
     unknown = set(args.peers) - set(PEERS)
     if unknown:

@@ -168,7 +168,7 @@ def test_compile_checks_in_fresh_process():
 
 
 def test_pdl_switch():
-    """Off on CPU; on a GPU of compute capability >= 9 on unless ``guard.pdl(False)`` or KERNELS_PDL=0."""
+    """Off on CPU; on a GPU of compute capability >= 9 on with KERNELS_PDL=1 (opt-in) unless ``guard.pdl(False)``."""
     assert guard.pdl_launch(torch.empty(0)) == {"USE_PDL": False}
     if not torch.cuda.is_available():
         return
@@ -188,6 +188,8 @@ def test_pdl_switch():
 def test_engine_tokens_and_logits_do_not_depend_on_pdl(dtype):
     """fusion="full" under CUDA graphs: batch 1 replays the all-Triton graph at one row (embedding, split-K
     qkv, attention and its combine, the GEMVs, lm_head), batch 3 a graph of more rows. Same bits either way."""
+    if not guard.PDL_ALLOWED:
+        pytest.skip("PDL is opt-in (KERNELS_PDL=1): without it both engines run without PDL")
     prompts = random_prompts([7, 30, 65], seed=3)
     runs = {}
     for pdl in (False, True):
