@@ -58,3 +58,30 @@ def test_cost_models_weight_bytes_are_the_engines_parameters(preset, overrides):
     llm = LLM(tiny_checkpoint(preset, **overrides), device="cpu")
     params = llm.model_runner.model.parameters()  # a tied lm_head once
     assert weight_bytes(llm.config.hf_config, 4) == sum(p.numel() * p.element_size() for p in params)
+
+
+# The published config.json of each preset's model (the repositories named), the fields that fix its shapes
+# and numerics: (hidden, intermediate, layers, heads, kv heads, head_dim, vocab, max positions, rope_theta,
+# rms_norm_eps, tied embeddings, dtype).
+PUBLISHED = {  # repositories: Qwen/Qwen3-0.6B, Qwen/Qwen3-8B, meta-llama/Llama-3.2-1B, meta-llama/Llama-3.1-8B,
+    # meta-llama/Llama-2-7b-hf, meta-llama/Llama-2-13b-hf, mistralai/Mistral-7B-v0.3
+    "qwen3-0.6b": (1024, 3072, 28, 16, 8, 128, 151936, 40960, 1e6, 1e-6, True, "bfloat16"),
+    "qwen3-8b": (4096, 12288, 36, 32, 8, 128, 151936, 40960, 1e6, 1e-6, False, "bfloat16"),
+    "llama-3.2-1b": (2048, 8192, 16, 32, 8, 64, 128256, 131072, 5e5, 1e-5, True, "bfloat16"),
+    "llama-3.1-8b": (4096, 14336, 32, 32, 8, 128, 128256, 131072, 5e5, 1e-5, False, "bfloat16"),
+    "llama-2-7b": (4096, 11008, 32, 32, 32, 128, 32000, 4096, 1e4, 1e-5, False, "float16"),
+    "llama-2-13b": (5120, 13824, 40, 40, 40, 128, 32000, 4096, 1e4, 1e-5, False, "float16"),
+    "mistral-7b": (4096, 14336, 32, 32, 8, 128, 32768, 32768, 1e6, 1e-5, False, "bfloat16"),
+}
+FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+          "head_dim", "vocab_size", "max_position_embeddings", "rope_theta", "rms_norm_eps", "tie_word_embeddings",
+          "torch_dtype")
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLISHED))
+def test_presets_are_the_published_configs(preset):
+    assert tuple(PRESETS[preset][f] for f in FIELDS) == PUBLISHED[preset]
+
+
+def test_every_full_size_preset_is_checked_against_its_published_config():
+    assert set(PUBLISHED) == {p for p in PRESETS if not p.endswith("-tiny")}

@@ -155,8 +155,9 @@ def test_sample_rejects_bad_inputs():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows", [1, 256])
-def test_sample_on_cuda_at_the_qwen3_vocabulary(rows):
+def test_sample_on_cuda_at_the_qwen3_vocabulary(rows, monkeypatch):
     # bf16 logits as the model makes them, then fp32 (as compute_logits hands them over): many ties.
+    monkeypatch.setattr(kernels.sampling, "FILTER_KERNEL_ON_GPU", True)  # the kernel, not the reference it waits behind
     vocab = 151936
     logits, temperatures, top_ks, top_ps, keys = filtered_inputs(rows, vocab, seed=rows)
     logits = logits.bfloat16().float()
@@ -169,7 +170,9 @@ def test_sample_on_cuda_at_the_qwen3_vocabulary(rows):
 
 
 @pytest.mark.gpu
-def test_sample_in_graph_replays_a_captured_draw():
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "reference-on-gpu"])
+def test_sample_in_graph_replays_a_captured_draw(kernel, monkeypatch):
+    monkeypatch.setattr(kernels.sampling, "FILTER_KERNEL_ON_GPU", kernel)
     # The sampler inside a CUDA graph: no host sync to refuse the capture, and a replay on new inputs
     # (copied into the captured tensors) draws what the eager reference draws from them.
     from minivllm.layers.sampler import Sampler
