@@ -32,6 +32,7 @@ from minivllm.results import write_result
 from minivllm.layers.embed_head import ParallelLMHead
 from minivllm.layers.layernorm import RMSNorm
 from minivllm.layers.rotary import RotaryEmbedding
+from minivllm.layers.sampler import Sampler
 
 # Ops that are one kernel launch on the GPU (a CPU run counts each such call once).
 KERNEL_LIKE = {"norm", "fused_norm_linear", "kv_store", "attention"}
@@ -82,8 +83,7 @@ def instrument(llm: LLM):
                (kernels, "rmsnorm_linear", lambda *a, **kw: ("mv::fused_norm_linear::post_attention_layernorm+"
                                                              "gate_up+silu_mul" if kw.get("silu_mul") else "mv::x"))]
     # Decode steps sample in the step itself (kernels.gumbel_argmax); the others through the Sampler.
-    patches += [(llm.model_runner.sampler, "forward", "mv::other::sampler"),
-                (kernels, "gumbel_argmax", "mv::other::sampler")]
+    patches += [(Sampler, "forward", "mv::other::sampler"), (kernels, "gumbel_argmax", "mv::other::sampler")]
     for obj, attr, label in patches:
         orig = getattr(obj, attr)
         setattr(obj, attr, labelled(orig, label))
