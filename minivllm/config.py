@@ -268,6 +268,7 @@ class Config:
     num_kvcache_blocks: int | None = None
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    mixed_steps: bool = True  # prefill steps carry the running sequences' decode tokens too
     enforce_eager: bool = False
     # generate() prepares each decode step while the GPU runs the one before (one tensor-parallel rank)
     async_scheduling: bool = True
@@ -309,7 +310,8 @@ class Config:
             checks.integer("num_kvcache_blocks", self.num_kvcache_blocks, low=1)
         checks.real("gpu_memory_utilization", self.gpu_memory_utilization, low=0, high=1, low_open=True)
         checks.real("cpu_kvcache_space_gb", self.cpu_kvcache_space_gb, low=0, low_open=True)
-        for name in ("enable_prefix_caching", "enable_chunked_prefill", "enforce_eager", "async_scheduling", "pdl"):
+        for name in ("enable_prefix_caching", "enable_chunked_prefill", "enforce_eager", "async_scheduling", "pdl",
+                     "mixed_steps"):
             checks.flag(name, getattr(self, name))
         checks.integer("seed", self.seed, *checks.SEED_RANGE)
         for name in ("dtype", "device", "fusion"):

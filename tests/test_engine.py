@@ -412,3 +412,23 @@ def test_overlapped_decode_steps_give_the_synchronous_engines_outputs(ckpt, sett
         assert llm.scheduler.num_preemptions > 0
     assert [c[0] for o in outputs_of(llm.generate(prompts, params, use_tqdm=False)) for c in o] == \
         [c[0] for o in expected for c in o]  # and again, on the same engine
+
+
+def test_mixed_steps_keep_the_outputs_and_let_decodes_ride_along(ckpt, monkeypatch):
+    # A small token budget spreads the prompts over several prefill steps while the first ones decode: with
+    # mixed steps their decode tokens ride in those prefill steps, and every output is the one the
+    # scheduler without mixing gives (greedy, and seeded sampling).
+    prompts = random_prompts([30, 25, 40, 12, 33, 8], seed=13)
+    params = [SamplingParams(temperature=t, seed=i, max_tokens=10 + i, ignore_eos=True)
+              for i, t in enumerate([0, 0.7, 0, 1.1, 0, 0.4])]
+    kwargs = dict(device="cpu", max_model_len=128, max_num_batched_tokens=32)
+    expected = outputs_of(LLM(ckpt, mixed_steps=False, **kwargs).generate(prompts, params, use_tqdm=False))
+    llm = LLM(ckpt, **kwargs)
+    steps = []
+    run = llm.model_runner.run
+    monkeypatch.setattr(llm.model_runner, "run", lambda seqs, num_new, is_prefill: (
+        steps.append((list(num_new), is_prefill)), run(seqs, num_new, is_prefill))[1])
+    assert outputs_of(llm.generate(prompts, params, use_tqdm=False)) == expected
+    mixed = [n for n, prefill in steps if prefill and 1 in n and max(n) > 1]
+    assert mixed and all(sum(n) <= 32 for n, _ in steps)
+    assert llm.scheduler.block_manager.num_free_blocks == llm.config.num_kvcache_blocks

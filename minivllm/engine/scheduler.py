@@ -1,8 +1,9 @@
 """Continuous batching: which sequences run in the next step, and how many tokens each.
 
 Steps are either prefill steps (new prompts, and the next chunk of prompts that did not
-fit the token budget) or decode steps (one token for every running sequence), as in
-nano-vLLM: pure decode steps are what CUDA graphs replay. When the KV cache runs out, the
+fit the token budget; with ``mixed_steps`` also the next token of every other running
+sequence, as vLLM's chunked prefill) or decode steps (one token for every running sequence),
+as in nano-vLLM: pure decode steps are what CUDA graphs replay. When the KV cache runs out, the
 most recently admitted sequence is preempted: its blocks are freed and it is recomputed
 later (cheaply, when its prefix is still cached).
 """
@@ -20,6 +21,7 @@ class Scheduler:
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.enable_chunked_prefill = config.enable_chunked_prefill
+        self.mixed_steps = config.mixed_steps
         self.stop_checker = stop_checker
         self.block_manager = BlockManager(config.num_kvcache_blocks, config.kvcache_block_size,
                                           config.enable_prefix_caching)
@@ -42,7 +44,14 @@ class Scheduler:
         return self._schedule_decode()
 
     def _schedule_prefill(self):
-        seqs, num_new, budget = [], [], self.max_num_batched_tokens
+        """A prefill step: prompt chunks already running, then new prompts, within the token budget. With
+        ``mixed_steps`` the running sequences' next decode tokens ride along first (vLLM's chunked prefill),
+        so that a prefill step does not hold them back: budget is kept for them, and they take only free
+        blocks (a sequence that would need a preemption decodes in the next decode step instead)."""
+        decoding = [seq for seq in self.running if seq.num_uncomputed_tokens == 1] if self.mixed_steps else []
+        budget = self.max_num_batched_tokens
+        kept = min(len(decoding), budget - 1)
+        seqs, num_new, budget = [], [], budget - kept
         # Prompts already running but not fully computed (chunked prefill) go first. Their
         # blocks were all reserved at admission, so a chunk never waits for memory.
         for seq in self.running:
@@ -66,6 +75,13 @@ class Scheduler:
             n = min(remaining, budget)
             seqs.append(seq), num_new.append(n)
             budget -= n
+        if not seqs:  # no prefill work: a decode step (one CUDA graph replay)
+            return seqs, num_new, True
+        bm = self.block_manager
+        for seq in decoding[:kept]:
+            if bm.blocks_needed(seq, seq.num_tokens) <= bm.num_free_blocks:
+                bm.allocate(seq, seq.num_tokens)
+                seqs.append(seq), num_new.append(1)
         return seqs, num_new, True
 
     def _schedule_decode(self):
