@@ -246,10 +246,15 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def _default_num_splits(programs: int, max_tiles: int, device: torch.device) -> int:
-    # Split the keys only while the grid is short of two programs per SM, and keep every split a few tiles long.
-    want = triton.cdiv(2 * _sm_count(device), programs)
+def num_splits_for(programs: int, max_tiles: int, sm_count: int) -> int:
+    """Key splits per (sequence block, kv head) program: only while the grid is short of two programs per SM,
+    and every split a few tiles long."""
+    want = -(-2 * sm_count // programs)
     return max(1, min(want, max_tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS))
+
+
+def _default_num_splits(programs: int, max_tiles: int, device: torch.device) -> int:
+    return num_splits_for(programs, max_tiles, _sm_count(device))
 
 
 def paged_attention(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_tables, scale,
