@@ -149,7 +149,8 @@ def model_config(preset: str, **overrides):
 
 class trace_steps:
     """Records every scheduler step of ``llm`` while active: which sequences ran, prefill or
-    decode, tokens each, queue lengths, free KV blocks and preemptions so far.
+    decode, tokens each, queue lengths, free KV blocks and preemptions so far. The steps run one
+    after another while it is active (no overlap of the host with the device).
 
         with book.trace_steps(llm) as tr:
             llm.generate(prompts, params, use_tqdm=False)
@@ -162,6 +163,8 @@ class trace_steps:
     def __enter__(self):
         sched = self.llm.scheduler
         original = self._original = sched.schedule
+        # Every step through schedule(), in turn: generate's overlapped decode steps bypass it.
+        self._overlap, self.llm.overlap = self.llm.overlap, False
 
         def schedule():
             seqs, num_new, is_prefill = original()
@@ -179,6 +182,7 @@ class trace_steps:
 
     def __exit__(self, *exc):
         del self.llm.scheduler.schedule  # back to the class's method
+        self.llm.overlap = self._overlap
         return False
 
     def frame(self):

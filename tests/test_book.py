@@ -105,3 +105,15 @@ def test_chapter_titles_are_numbered():
     for i, path in enumerate(NOTEBOOKS, 1):
         title = nbformat.read(path, as_version=4).cells[0].source.splitlines()[0]
         assert title.startswith(f"# {i}. "), title
+
+
+def test_trace_steps_records_every_step_and_restores_the_overlap():
+    # generate's overlapped decode steps bypass schedule(): the trace runs them in turn, so that one request
+    # of 6 tokens shows its prefill and its 5 decode steps, and the engine overlaps again afterwards.
+    from minivllm import LLM, SamplingParams, book
+    from tests.helpers import random_prompts, tiny_checkpoint
+    llm = LLM(tiny_checkpoint(), device="cpu")
+    with book.trace_steps(llm) as tr:
+        llm.generate(random_prompts([9], seed=1), SamplingParams(max_tokens=6, ignore_eos=True), use_tqdm=False)
+    assert list(tr.frame().kind) == ["prefill"] + ["decode"] * 5
+    assert llm.overlap
