@@ -370,6 +370,13 @@ class LLM:
         return dict(weights_bytes=runner.weight_bytes(), activation_peak_bytes=runner.activation_peak_bytes,
                     kv_pool_bytes=len(bm.blocks) * per_block, kv_peak_in_use_bytes=bm.peak_blocks_in_use * per_block)
 
+    def kv_cache_usage(self) -> dict:
+        """The paged KV cache's blocks now: how many, how many are free (cached prefixes included), and each
+        block's reference count (the running sequences whose block tables hold it)."""
+        bm = self.scheduler.block_manager
+        return dict(num_blocks=len(bm.blocks), num_free_blocks=bm.num_free_blocks,
+                    ref_counts=[b.ref_count for b in bm.blocks])
+
     def reset_prefix_cache(self):
         """Forgets every cached prefix, so that the next requests compute their prompts in full
         (benchmarks: no hits carried from one timed run to the next)."""

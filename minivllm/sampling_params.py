@@ -1,3 +1,4 @@
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from minivllm import checks
@@ -25,6 +26,10 @@ class SamplingParams:
     token the log-probabilities of the top k tokens and of the sampled one, ``prompt_logprobs=k``
     the same for the prompt's tokens; both from the model's raw distribution (before
     temperature, penalties and filters: vLLM's default).
+
+    ``logits_processors`` (vLLM's): functions ``f(output_token_ids, logits) -> logits`` called in order on
+    the request's fp32 logits row ([vocab]) before each token is drawn, before the penalties; each must
+    return a [vocab] tensor.
     """
 
     temperature: float = 1.0
@@ -43,6 +48,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    logits_processors: list[Callable] | None = None
 
     def __post_init__(self):
         self.n = checks.integer("n", self.n, low=1)
@@ -72,6 +78,10 @@ class SamplingParams:
         if ids is not None and not isinstance(ids, (list, tuple, set, frozenset)):
             raise ValueError(f"stop_token_ids must be a list of token ids, got {ids!r}")
         self.stop_token_ids = [checks.integer(f"stop_token_ids[{i}]", t, low=0) for i, t in enumerate(ids or [])]
+        procs = self.logits_processors
+        if procs is not None and (not isinstance(procs, (list, tuple)) or not all(callable(f) for f in procs)):
+            raise ValueError(f"logits_processors must be a list of callables, got {procs!r}")
+        self.logits_processors = list(procs or [])
 
     @property
     def penalized(self) -> bool:

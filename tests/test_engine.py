@@ -432,3 +432,20 @@ def test_mixed_steps_keep_the_outputs_and_let_decodes_ride_along(ckpt, monkeypat
     mixed = [n for n, prefill in steps if prefill and 1 in n and max(n) > 1]
     assert mixed and all(sum(n) <= 32 for n, _ in steps)
     assert llm.scheduler.block_manager.num_free_blocks == llm.config.num_kvcache_blocks
+
+
+def test_kv_cache_usage_counts_the_blocks_the_sequences_hold(ckpt):
+    # Two running requests sharing a cached first block: it is held twice, their own blocks once each.
+    llm = LLM(ckpt, device="cpu", max_model_len=128)
+    shared = random_prompts([16], seed=14)[0]
+    first = llm.add_request(shared + [5, 6], SamplingParams(max_tokens=4, ignore_eos=True))[0]
+    llm.step()
+    second = llm.add_request(shared + [7, 8, 9], SamplingParams(max_tokens=4, ignore_eos=True))[0]
+    llm.step()
+    usage = llm.kv_cache_usage()
+    assert first.block_table[0] == second.block_table[0] and usage["ref_counts"][first.block_table[0]] == 2
+    assert [usage["ref_counts"][b] for b in first.block_table[1:] + second.block_table[1:]] == [1, 1]
+    held = len(set(first.block_table + second.block_table))
+    assert usage["num_blocks"] == llm.config.num_kvcache_blocks
+    assert usage["num_free_blocks"] == usage["num_blocks"] - held and sum(usage["ref_counts"]) == held + 1
+    llm.abort_all()

@@ -231,3 +231,33 @@ def test_cuda_graph_decode_keeps_logprobs_and_penalties():
         for a, b in zip(logprobs + prompt_logprobs[1:], g_logprobs + g_prompt[1:]):
             assert a.keys() == b.keys()
             assert all(abs(a[t].logprob - b[t].logprob) < 1e-4 for t in a)
+
+
+def test_logits_processors_see_the_output_so_far_and_change_the_draw(llm):
+    # vLLM's f(output_token_ids, logits): a processor that allows one token forces it, whatever the
+    # temperature, and sees the tokens generated before each call; a plain request beside it keeps its tokens.
+    calls = []
+
+    def only_seven(output_ids, logits):
+        calls.append(list(output_ids))
+        forced = torch.full_like(logits, float("-inf"))
+        forced[7] = 0.0
+        return forced
+
+    prompts = random_prompts([11, 6], seed=21)
+    plain = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    alone = llm.generate([prompts[1]], plain, use_tqdm=False)[0].outputs[0].token_ids
+    forced = SamplingParams(temperature=0.8, seed=1, max_tokens=5, ignore_eos=True, logits_processors=[only_seven])
+    outs = llm.generate(prompts, [forced, plain], use_tqdm=False)
+    assert outs[0].outputs[0].token_ids == [7] * 5 and outs[1].outputs[0].token_ids == alone
+    assert calls == [[7] * i for i in range(5)]
+
+
+def test_a_bad_logits_processor_is_a_clear_error_and_the_engine_stays_usable(llm):
+    with pytest.raises(ValueError, match="logits_processors"):
+        SamplingParams(logits_processors=[3])
+    bad = SamplingParams(max_tokens=3, logits_processors=[lambda ids, logits: logits[:10]])
+    with pytest.raises(ValueError, match="logits processor"):
+        llm.generate(random_prompts([5], seed=2), bad, use_tqdm=False)
+    ok = llm.generate(random_prompts([5], seed=2), SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
+    assert len(ok[0].outputs[0].token_ids) == 3

@@ -421,7 +421,15 @@ class ModelRunner:
         return logits, tokens
 
     def process_logits(self, logits, rows: list[int], seqs: list[Sequence]):
-        """Applies the penalties and the min_tokens bans that the sequences of ``rows`` ask for, in place."""
+        """Applies the logits processors, penalties and min_tokens bans that the sequences of ``rows`` ask
+        for, in place."""
+        for i in rows:
+            for f in seqs[i].sampling_params.logits_processors:
+                row = f(seqs[i].completion_token_ids, logits[i])
+                if not isinstance(row, torch.Tensor) or row.shape != logits[i].shape:
+                    raise ValueError(f"logits processor {f!r} returned {getattr(row, 'shape', type(row))}, not a "
+                                     f"[{logits.shape[1]}] tensor")
+                logits[i] = row
         penalized = [i for i in rows if seqs[i].sampling_params.penalized]
         if penalized:
             params = [seqs[i].sampling_params for i in penalized]

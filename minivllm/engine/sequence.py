@@ -37,9 +37,10 @@ class Sequence:
         # Per generated token, when logprobs are asked.
         self.logprobs: list[TokenLogprobs] | None = [] if sampling_params.logprobs is not None else None
         self.cumulative_logprob = 0.0
-        # Whether the model runner looks at its logits row beyond sampling: logprobs, penalties, min_tokens.
+        # Whether the model runner looks at its logits row beyond sampling: logprobs, penalties, min_tokens,
+        # logits processors.
         self.inspects_logits = (sampling_params.logprobs is not None or sampling_params.penalized
-                                or sampling_params.min_tokens > 0)
+                                or sampling_params.min_tokens > 0 or bool(sampling_params.logits_processors))
         # Whether the decode step's own sampler (greedy or Gumbel-max, inside its CUDA graph) gives its token.
         self.plain_sampling = (not self.inspects_logits and sampling_params.top_k <= 0
                                and sampling_params.top_p == 1)
