@@ -28,6 +28,34 @@ def kv_bytes_per_token(cfg: ModelConfig, itemsize: int) -> int:
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * itemsize
 
 
+def decode_op_bytes(op: str, *, hidden_size: int, intermediate_size: int, num_attention_heads: int,
+                    num_key_value_heads: int, head_dim: int, vocab_size: int, layers: int, batch: int, context: int,
+                    itemsize: int) -> int | None:
+    """The fewest bytes ``op`` of a decode step must move, over all its layers (a profile's op name: a
+    projection, ``paged_attention``, ``store_kvcache``, a norm, ``lm_head``; ``a+b`` for a fused pair,
+    which also reads the residual and writes h): weights, activations in and out, the KV cache read at
+    ``context`` tokens. None for ops without a byte model (RoPE, sampling, elementwise)."""
+    e, b, h = itemsize, batch, hidden_size
+    q_n, kv_n = num_attention_heads * head_dim, num_key_value_heads * head_dim
+
+    def linear(n, k):
+        return e * (n * k + b * k + b * n)
+
+    name, fused = op.split("+")[-1], "+" in op
+    if name == "lm_head":
+        return linear(vocab_size, h) + (e * 2 * b * h if fused else 0)
+    if name == "norm":
+        return e * 3 * b * h
+    per_layer = {"qkv_proj": linear(q_n + 2 * kv_n, h), "o_proj": linear(h, q_n),
+                 "gate_up_proj": linear(2 * intermediate_size, h), "down_proj": linear(h, intermediate_size),
+                 "paged_attention": e * (2 * b * context * kv_n + 2 * b * q_n),
+                 "store_kvcache": e * 4 * b * kv_n,
+                 "input_layernorm": e * 4 * b * h, "post_attention_layernorm": e * 4 * b * h}.get(name)
+    if per_layer is None:
+        return None
+    return layers * (per_layer + (e * 2 * b * h if fused else 0))
+
+
 def decode_floor_ms(cfg: ModelConfig, itemsize: int, batch: int, context: int, tensor_parallel_size: int,
                     bandwidth: float) -> float:
     """One decode step must read every weight once and each sequence's KV cache once; with

@@ -85,3 +85,25 @@ def test_presets_are_the_published_configs(preset):
 
 def test_every_full_size_preset_is_checked_against_its_published_config():
     assert set(PUBLISHED) == {p for p in PRESETS if not p.endswith("-tiny")}
+
+
+@pytest.mark.parametrize("preset", ["qwen3-0.6b", "llama-3.1-8b"])
+def test_decode_op_bytes_of_the_projections_are_the_weights(preset):
+    # With no rows the projections and the lm_head move their weights alone: all of weight_bytes but the
+    # norm vectors (and the embedding table, when it is not the lm_head's); attention then reads nothing.
+    from minivllm.costs import decode_op_bytes, weight_bytes
+    cfg = model_config(preset)
+    sizes = dict(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                 num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
+                 head_dim=cfg.head_dim, vocab_size=cfg.vocab_size, layers=cfg.num_hidden_layers, itemsize=2)
+    ops = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
+    weights = sum(decode_op_bytes(op, batch=0, context=512, **sizes) for op in ops)
+    norms = cfg.num_hidden_layers * (2 * cfg.hidden_size + (2 * cfg.head_dim if cfg.qk_norm else 0)) + cfg.hidden_size
+    embed = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size
+    assert weights == weight_bytes(cfg, 2) - 2 * (norms + embed)
+    assert decode_op_bytes("paged_attention", batch=0, context=512, **sizes) == 0
+    kv = decode_op_bytes("paged_attention", batch=2, context=512, **sizes)
+    # per layer and row: K and V over the context, q read and the output written, 2 bytes each
+    assert kv == cfg.num_hidden_layers * 2 * 2 * 2 * (512 * cfg.num_key_value_heads * cfg.head_dim
+                                                      + cfg.num_attention_heads * cfg.head_dim)
+    assert decode_op_bytes("rotary_emb", batch=1, context=512, **sizes) is None
