@@ -49,23 +49,35 @@ FORCED_TOKEN = 100
 
 
 def step_logits(llm, prompts, max_tokens=1):
-    """Logits of every step's sampled rows (prefill, then decode through the CUDA graphs). The
-    sampler is made to return FORCED_TOKEN, so engines that round differently still decode the
-    same tokens and their logits stay comparable step by step."""
+    """Logits of every step's sampled rows (prefill, then decode through the CUDA graphs). A logits
+    processor records each row and forces FORCED_TOKEN, so engines that round differently still decode
+    the same tokens and their logits stay comparable step by step."""
     seen = []
-    sampler = llm.model_runner.sampler
-    original = sampler.forward
 
-    def record_and_force(logits, *args):
+    def record_and_force(output_ids, logits):
         seen.append(logits.clone())
-        return torch.full(logits.shape[:1], FORCED_TOKEN, dtype=torch.int64, device=logits.device)
+        forced = torch.full_like(logits, float("-inf"))
+        forced[FORCED_TOKEN] = 0.0
+        return forced
 
-    sampler.forward = record_and_force
-    try:
-        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
-    finally:
-        sampler.forward = original
-    return torch.cat(seen)
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
+                                         logits_processors=[record_and_force]), use_tqdm=False)
+    return torch.stack(seen)
+
+
+def test_the_graph_decode_step_and_the_overlap_give_the_synchronous_eager_engines_tokens():
+    """fp32, greedy and seeded rows: decode steps replayed as one graph with the sampler inside, and the
+    next one launched before the host takes the tokens, against eager steps taken one after another."""
+    prompts = random_prompts([7, 30, 65, 3], seed=5)
+    params = [SamplingParams(temperature=t, seed=s, max_tokens=20, ignore_eos=True)
+              for t, s in [(0, None), (0.8, 1), (1.2, 2), (0.5, 3)]]
+    settings = dict(device="cuda", dtype="float32", max_num_seqs=8, max_model_len=256, kvcache_block_size=16,
+                    gpu_memory_utilization=0.3)
+    with LLM(tiny_checkpoint(), async_scheduling=False, **settings) as sync, sync.eager():
+        expected = [o.outputs[0].token_ids for o in sync.generate(prompts, params, use_tqdm=False)]
+    with LLM(tiny_checkpoint(), **settings) as llm:
+        assert llm.cuda_graphs and llm.overlap
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
 
 
 @pytest.mark.parametrize("checkpoint", ["qwen3_06b", "llama_32_1b"])
