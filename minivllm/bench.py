@@ -33,13 +33,14 @@ PEERS = ("nano-vllm", "hf", "hf_compiled")
 
 
 def engines(args, **kwargs):
-    """One engine per tensor-parallel size, fusion mode and PDL setting, each shut down before the next
-    starts (a process is rank 0 of one tensor-parallel group at a time)."""
-    for tp, fusion, pdl in itertools.product(args.tensor_parallel_size, args.fusion, args.pdl):
+    """One engine per tensor-parallel size, fusion mode, PDL and async-scheduling setting, each shut down
+    before the next starts (a process is rank 0 of one tensor-parallel group at a time)."""
+    for tp, fusion, pdl, overlap in itertools.product(args.tensor_parallel_size, args.fusion, args.pdl,
+                                                      args.async_scheduling):
         gc.collect()
         torch.cuda.empty_cache()
         llm = LLM(args.model, fusion=fusion, enforce_eager=args.enforce_eager, tensor_parallel_size=tp, pdl=pdl,
-                  **kwargs)
+                  async_scheduling=overlap, **kwargs)
         try:
             yield llm
         finally:
@@ -63,6 +64,7 @@ def stats(samples_ms: list[float]) -> dict:
 
 def base_row(llm: LLM, args, workload: str) -> dict:
     return dict(workload=workload, engine="minivllm", fusion=llm.config.fusion, pdl=llm.config.pdl,
+                async_scheduling=llm.config.async_scheduling,
                 tensor_parallel_size=llm.config.tensor_parallel_size, model_name=args.model_name)
 
 
@@ -196,6 +198,8 @@ def main(argv=None):
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--pdl", default="off", choices=("on", "off", "on,off", "off,on"),
                         help="programmatic dependent launch (Config.pdl): on, off, or both side by side (A/B)")
+    parser.add_argument("--async-scheduling", default="on", choices=("on", "off", "on,off", "off,on"),
+                        help="generate's overlap of the host with the GPU (Config.async_scheduling): on, off, or both")
     parser.add_argument("--out", default="data/results")
     parser.add_argument("--tag", default="", help="suffix for the result file's benchmark name")
     args = parser.parse_args(argv)
@@ -206,6 +210,7 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     args.fusion = list(FUSION_MODES) if args.fusion == "all" else args.fusion.split(",")
     args.pdl = [v == "on" for v in args.pdl.split(",")]
+    args.async_scheduling = [v == "on" for v in args.async_scheduling.split(",")]
     if any(args.pdl) and not PDL_ALLOWED:
         parser.error("--pdl on needs KERNELS_PDL=1 in the environment (PDL is opt-in: kernels.guard)")
     args.peers = [p for p in args.peers.split(",") if p]
