@@ -303,8 +303,7 @@ class LLM:
                 output = runner.run(seqs, num_new, is_prefill)
                 return finished + self.scheduler.postprocess(seqs, num_new, *output)
             except BaseException as error:
-                self.pending = None
-                self.abort_all()  # whatever failed, the engine stays usable
+                self.abort_all()  # whatever failed, the engine stays usable (the step in flight is dropped)
                 if output is None and self.config.tensor_parallel_size > 1:
                     self._tensor_parallel_failed(error)  # the model step itself failed
                 raise

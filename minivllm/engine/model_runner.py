@@ -26,7 +26,8 @@ from minivllm.engine.sequence import Sequence
 from minivllm.heartbeat import beat_until_orphaned
 from minivllm.layers.logits_processors import apply_penalties, ban_tokens
 from minivllm.layers.logprobs import token_logprobs
-from minivllm.layers.sampler import Sampler, noise_keys_of_halves
+from kernels.sampling import MASK32
+from minivllm.layers.sampler import Sampler, noise_keys
 from minivllm.loader import load_model
 from minivllm.models import ARCHITECTURES
 from minivllm.sampling_params import SamplingParams
@@ -37,14 +38,14 @@ def cuda_graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 
 # A decode step's inputs, packed into one int32 array of DECODE_FIELDS rows of ``bs`` values, then the
-# [bs, width] block table: one host-to-device copy per step. The seed's two halves and the temperature's
-# float32 bits travel as int32 too.
-DECODE_FIELDS = ("input_ids", "positions", "slot_mapping", "seqlens_k", "temperature_bits", "seed_low", "seed_high",
-                 "steps", "from_previous")
+# [bs, width] block table: one host-to-device copy per step. The temperature's float32 bits and the
+# 32-bit noise key travel as int32 too.
+DECODE_FIELDS = ("input_ids", "positions", "slot_mapping", "seqlens_k", "temperature_bits", "noise_key",
+                 "from_previous")
 
 
 # Rows past the batch's sequences: no KV store (slot -1), one key to read, greedy.
-DECODE_PADDING = np.array([0, 0, -1, 1, 0, 0, 0, 0, 0], np.int32)
+DECODE_PADDING = np.array([0, 0, -1, 1, 0, 0, 0], np.int32)
 
 
 def decode_size(bs: int, width: int) -> int:
@@ -106,9 +107,10 @@ class ModelRunner:
         self.host_decode_pinned = torch.empty(2, decode_size(rows, self.graph_width), dtype=torch.int32, pin_memory=pin)
         self.host_decode = self.host_decode_pinned.numpy()
         self.host_tokens = torch.empty(2, rows, dtype=torch.int64, pin_memory=pin)
+        self.tokens_copied = [torch.cuda.Event(), torch.cuda.Event()] if pin else None  # one per host buffer
         self.host_side = 0  # which of the two the newest step uses
         self.decode_cu_seqlens = torch.arange(rows + 1, dtype=torch.int32, device=self.device)
-        self.last_tokens = torch.zeros(rows, dtype=torch.int64, device=self.device)  # the newest decode step's
+        self.last_tokens = torch.zeros(rows, dtype=torch.int32, device=self.device)  # the newest decode step's
         self.cuda_graphs_enabled = True  # LLM.eager() turns replays off for a while
         self.logits_log = None  # a list while LLM.record_logits() records: each step's logits to sample
         if config.num_kvcache_blocks is None:
@@ -313,7 +315,7 @@ class ModelRunner:
             return PendingDecode(seqs, tokens, None)
         host = self.host_tokens[self.host_side, :len(seqs)]
         host.copy_(tokens, non_blocking=True)
-        done = torch.cuda.Event()
+        done = self.tokens_copied[self.host_side]
         done.record()
         return PendingDecode(seqs, host, done)
 
@@ -372,11 +374,11 @@ class ModelRunner:
             chain.from_iterable(seq.block_table for seq in seqs))
         lengths = [len(seq.token_ids) + ahead for seq in seqs]
         slots = [seq.block_table[(m - 1) // block] * block + (m - 1) % block for seq, m in zip(seqs, lengths)]
-        seeds = np.array([seq.seed for seq in seqs], np.int64)
+        keys = noise_keys(np.array([seq.seed for seq in seqs], np.int64),
+                          np.array([seq.num_completion_tokens + ahead for seq in seqs], np.int64))
         head[:, :n] = [[0] * n if continuing else [seq.token_ids[-1] for seq in seqs], [m - 1 for m in lengths], slots,
                        lengths, np.array([seq.sampling_params.temperature for seq in seqs], np.float32).view(np.int32),
-                       seeds.astype(np.int32), (seeds >> 32).astype(np.int32),  # the device masks both halves
-                       [seq.num_completion_tokens + ahead for seq in seqs], [ahead] * n]
+                       keys.astype(np.int32), [ahead] * n]  # the key wraps to int32: the device masks it back
         return packed
 
     @torch.inference_mode()
@@ -388,7 +390,7 @@ class ModelRunner:
         if not replay:
             logits, tokens = self.decode_forward(torch.from_numpy(packed).to(self.device), bs, width)
         else:
-            if np.shares_memory(packed, self.host_decode):  # rank 0's pinned buffer: an asynchronous copy
+            if np.may_share_memory(packed, self.host_decode):  # rank 0's pinned buffer: an asynchronous copy
                 self.decode_inputs[:packed.size].copy_(self.host_decode_pinned[self.host_side, :packed.size],
                                                        non_blocking=True)
             else:
@@ -406,8 +408,8 @@ class ModelRunner:
                     max_seqlen_q=1, max_seqlen_k=self.config.max_model_len, slot_mapping=f["slot_mapping"],
                     block_tables=f["block_tables"])
         # The torch ops first: between the Triton kernels they would break the chain of dependent launches.
-        input_ids = torch.where(f["from_previous"] != 0, self.last_tokens[:bs].int(), f["input_ids"])
-        keys = noise_keys_of_halves(f["seed_low"], f["seed_high"], f["steps"])
+        input_ids = torch.where(f["from_previous"] != 0, self.last_tokens[:bs], f["input_ids"])
+        keys = f["noise_key"].long() & MASK32
         try:
             hidden, residual = self.model(input_ids, f["positions"])
         finally:

@@ -48,14 +48,18 @@ class Scheduler:
         ``mixed_steps`` the running sequences' next decode tokens ride along first (vLLM's chunked prefill),
         so that a prefill step does not hold them back: budget is kept for them, and they take only free
         blocks (a sequence that would need a preemption decodes in the next decode step instead)."""
-        decoding = [seq for seq in self.running if seq.num_uncomputed_tokens == 1] if self.mixed_steps else []
+        chunked, decoding = [], []
+        for seq in self.running:
+            (chunked if seq.num_uncomputed_tokens > 1 else decoding).append(seq)
+        if not chunked and not self.waiting:  # no prefill work: a decode step (one CUDA graph replay)
+            return [], [], True
         budget = self.max_num_batched_tokens
-        kept = min(len(decoding), budget - 1)
+        kept = min(len(decoding), budget - 1) if self.mixed_steps else 0
         seqs, num_new, budget = [], [], budget - kept
         # Prompts already running but not fully computed (chunked prefill) go first. Their
         # blocks were all reserved at admission, so a chunk never waits for memory.
-        for seq in self.running:
-            if seq.num_uncomputed_tokens > 1 and budget > 0:
+        for seq in chunked:
+            if budget > 0:
                 n = min(seq.num_uncomputed_tokens, budget)
                 seqs.append(seq), num_new.append(n)
                 budget -= n
@@ -75,7 +79,7 @@ class Scheduler:
             n = min(remaining, budget)
             seqs.append(seq), num_new.append(n)
             budget -= n
-        if not seqs:  # no prefill work: a decode step (one CUDA graph replay)
+        if not seqs:  # nothing admitted: a decode step
             return seqs, num_new, True
         bm = self.block_manager
         for seq in decoding[:kept]:

@@ -16,17 +16,11 @@ _MASK64 = 2**64 - 1
 _GOLDEN64 = 0x9E3779B97F4A7C15  # SplitMix64's increment
 
 
-def noise_keys(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+def noise_keys(seeds, steps):
     """Each row's 32-bit noise key, of (seed, step) alone. Both 32-bit halves of the int64 seed go
-    in, through bijections, so every bit of it counts."""
-    return noise_keys_of_halves(seeds & MASK32, (seeds >> 32) & MASK32, steps)
-
-
-def noise_keys_of_halves(low: torch.Tensor, high: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """``noise_keys`` from the seed's two 32-bit halves, as int32 or int64 tensors of any sign (the
-    decode step's packed int32 inputs carry them so)."""
-    low, high, steps = (t.long() & MASK32 for t in (low, high, steps))
-    return hash32_ref(hash32_ref(hash32_ref(low) ^ high) ^ steps)
+    in, through bijections, so every bit of it counts. Plain integer arithmetic: int64 torch tensors
+    or numpy arrays alike (the decode step computes its keys on the host, with its other inputs)."""
+    return hash32_ref(hash32_ref(hash32_ref(seeds & MASK32) ^ ((seeds >> 32) & MASK32)) ^ (steps & MASK32))
 
 
 def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
