@@ -449,3 +449,15 @@ def test_kv_cache_usage_counts_the_blocks_the_sequences_hold(ckpt):
     assert usage["num_blocks"] == llm.config.num_kvcache_blocks
     assert usage["num_free_blocks"] == usage["num_blocks"] - held and sum(usage["ref_counts"]) == held + 1
     llm.abort_all()
+
+
+def test_bench_engines_cover_every_setting_and_rows_name_them():
+    # --async-scheduling on,off (and --pdl): one engine per setting, in order, each row naming its own.
+    import argparse
+
+    from minivllm import bench
+    args = argparse.Namespace(model=tiny_checkpoint(), model_name="tiny", tensor_parallel_size=[1], fusion=["off"],
+                              pdl=[False], async_scheduling=[True, False], enforce_eager=False)
+    rows = [bench.base_row(llm, args, "decode_latency") for llm in bench.engines(args, device="cpu")]
+    settings = [(r["async_scheduling"], r["pdl"], r["fusion"]) for r in rows]
+    assert settings == [(True, False, "off"), (False, False, "off")]

@@ -534,16 +534,3 @@ def test_a_stage_limit_names_the_peer_it_stopped_and_those_left(monkeypatch):
     assert rows == [{"engine": "nano_vllm"}]
     assert failed["hf"].startswith("stopped by SIGTERM") and failed["hf_compiled"].startswith("not started")
     assert "nano-vllm" not in failed and saved == [failed]
-
-
-def test_bench_engines_cover_every_setting_and_rows_name_them():
-    # --async-scheduling on,off (and --pdl): one engine per setting, in order, each row naming its own.
-    import argparse
-
-    from minivllm import bench
-    from tests.helpers import tiny_checkpoint
-    args = argparse.Namespace(model=tiny_checkpoint(), model_name="tiny", tensor_parallel_size=[1], fusion=["off"],
-                              pdl=[False], async_scheduling=[True, False], enforce_eager=False)
-    rows = [bench.base_row(llm, args, "decode_latency") for llm in bench.engines(args, device="cpu")]
-    settings = [(r["async_scheduling"], r["pdl"], r["fusion"]) for r in rows]
-    assert settings == [(True, False, "off"), (False, False, "off")]
