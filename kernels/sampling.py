@@ -22,41 +22,89 @@ MIN_TEMPERATURE = 1e-5  # as the reference clamps it
 
 @triton.jit
 def _hash32(x):
-    # The reference's PCG-style hash of int64 values in [0, 2^32): products stay below 2^63.
-    x = (x * 747796405 + 2891336453) & 0xFFFFFFFF
-    x = (((x >> ((x >> 28) + 4)) ^ x) * 277803737) & 0xFFFFFFFF
+    # The reference's PCG-style hash of values in [0, 2^32), in uint32 arithmetic: its products wrap
+    # modulo 2^32, the reference's int64 ones are masked to it, so the bits agree (and no int64 multiply
+    # is emulated per token).
+    x = x.to(tl.uint32) * 747796405 + 2891336453
+    x = ((x >> ((x >> 28) + 4)) ^ x) * 277803737
     return (x >> 22) ^ x
 
 
 @triton.jit
-def _gumbel_argmax_kernel(LOGITS, TEMPERATURES, KEYS, OUT, stride_b, V, MIN_T, BLOCK_V: tl.constexpr,
-                          USE_PDL: tl.constexpr):
+def _gumbel_argmax_kernel(LOGITS, TEMPERATURES, KEYS, OUT, PART_SCORE, PART_TOKEN, stride_b, V, chunk, MIN_T,
+                          BLOCK_V: tl.constexpr, SPLIT: tl.constexpr, USE_PDL: tl.constexpr):
+    # Program (b, s) takes row b's tokens [s * chunk, (s + 1) * chunk): one row alone would leave all
+    # but one SM idle. With SPLIT its best (score, token) goes to the partials, which
+    # _gumbel_argmax_combine_kernel reduces; without it (one split) straight to OUT.
     pdl_entry(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
     t = tl.load(TEMPERATURES + b)
     key = tl.load(KEYS + b)
     greedy = t == 0.0
     t = tl.maximum(t, MIN_T)
     lanes = tl.arange(0, BLOCK_V)
+    start = split * chunk
+    end = tl.minimum(start + chunk, V)
     # Per lane, the best score and its token over the blocks seen (strictly greater: the earlier
-    # block keeps a tie); then the first token among the lanes' best, as torch.argmax picks.
+    # block keeps a tie); then the first token among the lanes' best, as torch.argmax picks. A lane that
+    # never beats -inf keeps token 0: a row of -inf gives 0, as torch.argmax does.
     best = tl.full([BLOCK_V], -float("inf"), tl.float64)
     best_token = tl.zeros([BLOCK_V], tl.int64)
-    for start in range(0, V, BLOCK_V):
-        cols = start + lanes
-        mask = cols < V
-        logit = tl.load(LOGITS + b * stride_b + cols, mask=mask, other=0.0)
-        bits = _hash32(key ^ _hash32(cols.to(tl.int64)))
-        u = (bits.to(tl.float64) + 0.5) / 4294967296.0
-        # div_rn: Triton's fp32 ``/`` is div.full.f32 (2 ulp), torch's the IEEE quotient.
-        noisy = tl.math.div_rn(logit, t).to(tl.float64) - tl.log(-tl.log(u))
-        score = tl.where(greedy, logit.to(tl.float64), noisy)
-        score = tl.where(mask, score, -float("inf"))
-        better = score > best
-        best = tl.where(better, score, best)
-        best_token = tl.where(better, cols.to(tl.int64), best_token)
+    if greedy:  # greedy: the logits' argmax, no noise to compute
+        for block in range(start, end, BLOCK_V):
+            cols = block + lanes
+            score = tl.load(LOGITS + b * stride_b + cols, mask=cols < end, other=-float("inf")).to(tl.float64)
+            better = score > best
+            best = tl.where(better, score, best)
+            best_token = tl.where(better, cols.to(tl.int64), best_token)
+    else:
+        for block in range(start, end, BLOCK_V):
+            cols = block + lanes
+            mask = cols < end
+            logit = tl.load(LOGITS + b * stride_b + cols, mask=mask, other=0.0)
+            bits = _hash32(key.to(tl.uint32) ^ _hash32(cols))
+            u = (bits.to(tl.float64) + 0.5) / 4294967296.0
+            # div_rn: Triton's fp32 ``/`` is div.full.f32 (2 ulp), torch's the IEEE quotient.
+            score = tl.where(mask, tl.math.div_rn(logit, t).to(tl.float64) - tl.log(-tl.log(u)), -float("inf"))
+            better = score > best
+            best = tl.where(better, score, best)
+            best_token = tl.where(better, cols.to(tl.int64), best_token)
     top = tl.max(best, axis=0)
-    tl.store(OUT + b, tl.min(tl.where(best == top, best_token, V), axis=0))
+    token = tl.min(tl.where(best == top, best_token, V), axis=0)
+    if SPLIT:
+        n_splits = tl.num_programs(1)
+        tl.store(PART_SCORE + b * n_splits + split, top)
+        tl.store(PART_TOKEN + b * n_splits + split, token)
+    else:
+        tl.store(OUT + b, token)
+
+
+@triton.jit
+def _gumbel_argmax_combine_kernel(PART_SCORE, PART_TOKEN, OUT, V, n_splits, SPLITS_POW2: tl.constexpr,
+                                  USE_PDL: tl.constexpr):
+    # The splits' best: the highest score, and of its ties the lowest token (splits hold ascending tokens,
+    # so that is the row's first index, as a single pass picks).
+    pdl_entry(USE_PDL)
+    b = tl.program_id(0).to(tl.int64)
+    s = tl.arange(0, SPLITS_POW2)
+    mask = s < n_splits
+    score = tl.load(PART_SCORE + b * n_splits + s, mask=mask, other=-float("inf"))
+    token = tl.load(PART_TOKEN + b * n_splits + s, mask=mask, other=V)
+    top = tl.max(score, axis=0)
+    tl.store(OUT + b, tl.min(tl.where(score == top, token, V), axis=0))
+
+
+def num_splits_for(rows: int, vocab: int, sm_count: int) -> int:
+    """Vocabulary splits per row: enough programs for two per SM, each at least one BLOCK_V block; one
+    split (no combine kernel) once the rows alone fill the GPU."""
+    blocks = -(-vocab // BLOCK_V)
+    return max(1, min(-(-2 * sm_count // max(rows, 1)), blocks))
+
+
+def _sm_count(device: torch.device) -> int:
+    # The interpreter has no SMs: a few "programs per SM" make it exercise the split path too.
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
 
 
 def gumbel_argmax(logits: torch.Tensor, temperatures: torch.Tensor, noise_keys: torch.Tensor) -> torch.Tensor:
@@ -77,9 +125,21 @@ def gumbel_argmax(logits: torch.Tensor, temperatures: torch.Tensor, noise_keys: 
     if not use_triton(logits):
         return gumbel_argmax_ref(logits, temperatures, noise_keys)
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
-    if rows:
-        _gumbel_argmax_kernel[(rows,)](logits, temperatures, noise_keys, out, logits.stride(0), logits.shape[1],
-                                       MIN_TEMPERATURE, BLOCK_V=BLOCK_V, num_warps=8, **pdl_launch(logits))
+    vocab = logits.shape[1]
+    if rows == 0 or vocab == 0:
+        return out
+    splits = num_splits_for(rows, vocab, _sm_count(logits.device))
+    chunk = triton.cdiv(triton.cdiv(vocab, splits), BLOCK_V) * BLOCK_V  # whole blocks per split
+    splits = triton.cdiv(vocab, chunk)
+    part_score = torch.empty((rows, splits), dtype=torch.float64, device=logits.device)
+    part_token = torch.empty((rows, splits), dtype=torch.int64, device=logits.device)
+    _gumbel_argmax_kernel[(rows, splits)](logits, temperatures, noise_keys, out, part_score, part_token,
+                                          logits.stride(0), vocab, chunk, MIN_TEMPERATURE, BLOCK_V=BLOCK_V,
+                                          SPLIT=splits > 1, num_warps=8, **pdl_launch(logits))
+    if splits > 1:
+        _gumbel_argmax_combine_kernel[(rows,)](part_score, part_token, out, vocab, splits,
+                                               SPLITS_POW2=triton.next_power_of_2(splits), num_warps=1,
+                                               **pdl_launch(logits))
     return out
 
 

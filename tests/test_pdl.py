@@ -59,11 +59,16 @@ WAIT_FIRST = {
                               CU_Q="*i32", SEQLENS_K="*i32", BLOCK_TABLES="*i32"), 4),
     "combine_splits": (pa._combine_splits_kernel, dict(HEAD_DIM=128, SPLITS_POW2=32),
                        dict(OUT=BF16, M_PART="*fp32", L_PART="*fp32", ACC_PART="*fp32"), 4),
-    "gumbel_argmax": (sampling._gumbel_argmax_kernel, dict(BLOCK_V=sampling.BLOCK_V),
-                      dict(LOGITS="*fp32", TEMPERATURES="*fp32", KEYS="*i64", OUT="*i64"), 8),
+    "gumbel_argmax": (sampling._gumbel_argmax_kernel, dict(BLOCK_V=sampling.BLOCK_V, SPLIT=True),
+                      dict(LOGITS="*fp32", TEMPERATURES="*fp32", KEYS="*i64", OUT="*i64", PART_SCORE="*fp64",
+                           PART_TOKEN="*i64"), 8),
+    "gumbel_argmax_combine": (sampling._gumbel_argmax_combine_kernel, dict(SPLITS_POW2=128),
+                              dict(PART_SCORE="*fp64", PART_TOKEN="*i64", OUT="*i64"), 1),
     "embedding": (emb._embedding_kernel, dict(BLOCK_D=emb.BLOCK_D), dict(IDS="*i64", W=BF16, OUT=BF16), 4),
 }
 FLOATS = {"eps", "qk_eps", "scale_log2e", "MIN_T"}
+# Logits of the same forward whose roundings may differ at the last bit: bf16's tolerance, a tight fp32 one.
+LOGIT_TOLERANCE = {"bfloat16": dict(rtol=1.6e-2, atol=5e-2), "float32": dict(rtol=1e-4, atol=1e-4)}
 
 
 def compile_for_sm90(kernel, constexprs, pointers, num_warps, num_stages=3):
@@ -187,7 +192,9 @@ def test_pdl_switch():
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_engine_tokens_and_logits_do_not_depend_on_pdl(dtype):
     """fusion="full" under CUDA graphs: batch 1 replays the all-Triton graph at one row (embedding, split-K
-    qkv, attention and its combine, the GEMVs, lm_head), batch 3 a graph of more rows. Same bits either way."""
+    qkv, attention and its combine, the GEMVs, lm_head), batch 3 a graph of more rows. The same greedy
+    tokens either way, and logits within the dtype's tolerance: compiled, the GEMV's peeled first K step
+    can round an element one ulp apart (kernels.guard)."""
     if not guard.PDL_ALLOWED:
         pytest.skip("PDL is opt-in (KERNELS_PDL=1): without it both engines run without PDL")
     prompts = random_prompts([7, 30, 65], seed=3)
@@ -200,18 +207,24 @@ def test_engine_tokens_and_logits_do_not_depend_on_pdl(dtype):
             runs[pdl] = tokens, [t.clone() for t in logits]
     assert runs[True][0] == runs[False][0]
     assert len(runs[True][1]) == len(runs[False][1])
-    assert all(torch.equal(a, b) for a, b in zip(runs[True][1], runs[False][1]))
+    for with_pdl, without in zip(runs[True][1], runs[False][1]):
+        torch.testing.assert_close(with_pdl, without, **LOGIT_TOLERANCE[dtype])
 
 
 @pytest.mark.gpu
 def test_gemv_chain_bench_runs_and_pdl_keeps_the_chain_s_result():
-    """kernels.bench --pdl at a small size: the dependent chain replayed with PDL gives the bits it gives
-    without, and every row and both fits are there."""
+    """kernels.bench --pdl at a small size: the dependent chain of eight GEMVs replayed with PDL ends where it
+    ends without, but for the last-bit roundings the chain amplifies (0.6 % measured on the H200 at this
+    length; a race or a wrong kernel is O(1)), and every row and both fits are there."""
     from kernels.bench import bench_pdl
     if not guard.pdl_enabled(torch.empty(0, device="cuda")):
         pytest.skip("this GPU has no programmatic dependent launch (compute capability < 9)")
     rows = bench_pdl(rep=5, layers=2)
-    assert all(r["same_output_as_without_pdl"] for r in rows if r["op"] == "pdl_layer_chain")
+    chains = [r for r in rows if r["op"] == "pdl_layer_chain"]
+    assert [r["pdl"] for r in chains] == [False, True]
+    assert chains[0]["same_output_as_without_pdl"]  # without PDL the replay is the eager chain, bit for bit
+    assert chains[1]["relative_difference_to_without_pdl"] < 0.05
+    assert all(r["relative_error_to_fp64"] < 0.05 for r in chains)
     fits = [r for r in rows if r["op"] == "pdl_fit"]
     assert {r["pdl"] for r in fits} == {False, True}
     assert all(r["fixed_us_per_kernel"] is not None and r["bandwidth_TBps"] > 0 for r in fits)

