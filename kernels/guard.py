@@ -29,6 +29,7 @@ import torch
 try:
     import triton
     import triton.language as tl
+    import triton.testing
 
     HAVE_TRITON = True
 except ImportError:
@@ -119,6 +120,16 @@ def check_tensors(op: str, **tensors: torch.Tensor) -> None:
             raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}")
         if t.dim() > 0 and t.stride(-1) != 1:
             raise ValueError(f"{op}: {name} must be contiguous in its last dim (stride {t.stride(-1)})")
+
+
+def graph_bench(kernel_call, quantiles):
+    """The autotuners' timing of the GEMVs (a few microseconds each): inside a CUDA graph, as the engine
+    replays them. Timed in eager launches, whose overhead is as large as the differences between the
+    candidates, their choice moved the batch-1 step by up to 12 % between two processes (kernels/NOTES.md,
+    run 7). The interpreter times eagerly, as Triton's default does."""
+    if INTERPRET:
+        return triton.testing.do_bench(kernel_call, quantiles=quantiles)
+    return triton.testing.do_bench_cudagraph(kernel_call, quantiles=quantiles)
 
 
 def autotuned_configs(modules=None) -> dict:

@@ -37,7 +37,7 @@ up before CUDA-graph capture.
 """
 import torch
 
-from kernels.guard import INTERPRET, check_tensors, pdl_launch, tl, triton, use_triton
+from kernels.guard import INTERPRET, check_tensors, graph_bench, pdl_launch, tl, triton, use_triton
 from kernels.rmsnorm import launch_rows
 from kernels.silu_mul import silu_mul as silu_mul_kernel
 
@@ -289,7 +289,8 @@ def _fits_registers(configs, named_args, **meta):
 
 _KEY = ["M_BUCKET", "N", "K", "HAS_RESIDUAL", "SILU_MUL"]
 _PRUNE = {"early_config_prune": _fits_registers}
-_gemv_kernel = triton.autotune(configs=_GEMV_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(rmsnorm_linear_kernel)
+_gemv_kernel = triton.autotune(configs=_GEMV_CONFIGS, key=_KEY, prune_configs_by=_PRUNE,
+                               do_bench=graph_bench)(rmsnorm_linear_kernel)
 _decode_kernel = triton.autotune(configs=_DECODE_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(rmsnorm_linear_kernel)
 _prefill_kernel = triton.autotune(configs=_PREFILL_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(rmsnorm_linear_kernel)
 

@@ -32,7 +32,7 @@ must be ordered on one stream, and the first call (autotuning) must come before 
 import torch
 
 from kernels.paged_attention import INDEX_DTYPES, _check_cache, store_kvcache_ref
-from kernels.guard import INTERPRET, check_tensors, pdl_launch, tl, triton, use_triton
+from kernels.guard import INTERPRET, check_tensors, graph_bench, pdl_launch, tl, triton, use_triton
 from kernels.rmsnorm import rmsnorm_ref
 from kernels.rope import rope_ref
 from kernels.rmsnorm_linear import (GEMV_MAX_ROWS, PATHS, _configs, _m_bucket, _norm_matmul, _tile_ids, norm_rows,
@@ -247,8 +247,10 @@ def _fits_registers(configs, named_args, **meta):
 
 _KEY = ["M_BUCKET", "num_q_heads", "num_kv_heads", "K", "HAS_RESIDUAL", "QK_NORM"]
 _PRUNE = {"early_config_prune": _fits_registers}
-_gemv_kernel = triton.autotune(configs=_GEMV_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(rmsnorm_qkv_kernel)
-_splitk_kernel = triton.autotune(configs=_SPLITK_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(rmsnorm_qkv_kernel)
+_gemv_kernel = triton.autotune(configs=_GEMV_CONFIGS, key=_KEY, prune_configs_by=_PRUNE,
+                               do_bench=graph_bench)(rmsnorm_qkv_kernel)
+_splitk_kernel = triton.autotune(configs=_SPLITK_CONFIGS, key=_KEY, prune_configs_by=_PRUNE,
+                                 do_bench=graph_bench)(rmsnorm_qkv_kernel)
 _decode_kernel = triton.autotune(configs=_DECODE_CONFIGS, key=_KEY)(rmsnorm_qkv_kernel)
 _prefill_kernel = triton.autotune(configs=_PREFILL_CONFIGS, key=_KEY)(rmsnorm_qkv_kernel)
 EPILOGUE_BLOCK_M = 16  # rows per program of the cuBLAS route's epilogue kernel
