@@ -10,6 +10,9 @@ Writes ``<out>/kernels-<gpu slug>.json`` and prints a table. Implementations (bf
   fused_tiled         cublas_route (row kernel + cuBLAS: the unfused route the dispatch takes
   cublas_route        at large M)
   cublas_linear_only  F.linear(x, W) alone: the GEMM with no norm work at all
+  fused_tma           kernels.rmsnorm_linear_tma: the persistent TMA GEMM carrying the norm (Hopper, M >= 2)
+  tma_linear_only     the same kernel with no column normed: a plain GEMM, the yardstick against
+                      cublas_linear_only
   eager_unfused       HF-style add + RMSNorm in eager torch, then F.linear (cuBLAS)
   compiled_unfused    the same under torch.compile: one fused norm kernel + cuBLAS
   liger_unfused       Liger-Kernel's fused add + RMSNorm (Triton), then cuBLAS (when liger-kernel
@@ -59,6 +62,7 @@ from kernels.rmsnorm import rmsnorm, rmsnorm_ref
 from kernels.rmsnorm_qkv import QKV_PATHS, kernel_for as qkv_kernel_for, rmsnorm_qkv_rope_store
 from kernels.rope import rope
 from kernels.silu_mul import silu_mul
+from kernels.rmsnorm_linear_tma import rmsnorm_linear_tma
 from kernels.rmsnorm_linear import (fold_rmsnorm_weight, kernel_for, launch, linear, rmsnorm_linear,
                                     rmsnorm_linear_kernel)
 from kernels.shapes import ALL_MODELS, MODELS, MS, QUICK_MS, floor_us, linear_ops, ms_for, ops
@@ -66,6 +70,7 @@ from minivllm.costs import measure_ceilings
 from minivllm.results import write_result
 
 rl = importlib.import_module("kernels.rmsnorm_linear")  # the module (kernels exports a function of that name)
+rl_tma = importlib.import_module("kernels.rmsnorm_linear_tma")
 
 try:  # Liger-Kernel's Triton add + RMSNorm: a kernel-level peer, where it is installed
     from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction
@@ -106,7 +111,13 @@ def liger_unfused(x, residual, gamma, w):
 CEILINGS = {}  # measured once per run, in main
 
 
-FORCED_PATHS = set(QKV_PATHS)  # --paths narrows the forced-path columns
+TMA_PATH = "tma"  # kernels.rmsnorm_linear_tma, timed beside the dispatched paths where TMA exists
+FORCED_PATHS = {*QKV_PATHS, TMA_PATH}  # --paths narrows the forced-path columns
+
+
+def times_tma(M):
+    return (TMA_PATH in FORCED_PATHS and M >= 2 and torch.cuda.is_available()
+            and torch.cuda.get_device_capability()[0] >= 9)
 
 
 def paths(M, accepted=rl.PATHS):
@@ -130,6 +141,8 @@ def impls(op, M):
     return {
         "fused": lambda s: rmsnorm_linear(s.x, s.w_folded, EPS, s.residual, op.rms_cols_start),
         **forced,
+        **({"fused_tma": lambda s: rmsnorm_linear_tma(s.x, s.w_folded, EPS, s.residual, op.rms_cols_start),
+            "tma_linear_only": lambda s: rmsnorm_linear_tma(s.x, s.w, EPS, None, op.N)} if times_tma(M) else {}),
         "cublas_linear_only": lambda s: torch.nn.functional.linear(s.x, s.w),
         "eager_unfused": lambda s: unfused(s.x, s.residual, s.gamma, s.w),
         "compiled_unfused": lambda s: compiled_unfused(s.x, s.residual, s.gamma, s.w),
@@ -243,11 +256,13 @@ def bench_op(op, M, rep):
     for impl, call in {**impls(op, M), **full_impls(op, M)}.items():
         out = call(sets[0])  # warm-up: autotuning, torch.compile
         err = None
-        fused_path = {"fused": rl.path_for(M), **{v: k for k, v in PATH_IMPL.items()}}.get(impl)
+        fused_path = {"fused": rl.path_for(M), "fused_tma": TMA_PATH, **{v: k for k, v in PATH_IMPL.items()}}.get(impl)
         if fused_path or impl == "eager_unfused":
             err = rel_err(out[0], exact_fp64(sets[0], op.rms_cols_start if fused_path else 0))
         config = None
-        if fused_path is not None:
+        if impl in ("fused_tma", "tma_linear_only"):
+            config = {"path": TMA_PATH, **config_dict(rl_tma._kernel.best_config, {})}
+        elif fused_path is not None:
             config = {"path": fused_path}
             if fused_path != "cublas":
                 kernel, fixed_meta = kernel_for(M, fused_path)
@@ -521,9 +536,9 @@ def main(argv=None):
     parser.add_argument("--out", default="data/results", help="output folder")
     parser.add_argument("--gemv-max-m", type=int, default=rl.GEMV_MAX_M, help="dispatch: GEMV up to this M")
     parser.add_argument("--cublas-min-m", type=int, default=rl.CUBLAS_MIN_M, help="dispatch: cuBLAS route from this M")
-    parser.add_argument("--paths", type=lambda v: set(v.split(",")) if v else set(), default=set(QKV_PATHS),
-                        help=f"forced paths to time besides the dispatched one (comma-separated, of {QKV_PATHS}; "
-                             "empty: none)")
+    parser.add_argument("--paths", type=lambda v: set(v.split(",")) if v else set(), default=set(FORCED_PATHS),
+                        help=f"forced paths to time besides the dispatched one (comma-separated, of "
+                             f"{(*QKV_PATHS, TMA_PATH)}; empty: none)")
     parser.add_argument("--ms", type=lambda v: tuple(int(m) for m in v.split(",") if m),
                         help="comma-separated M values (overrides --quick's; empty: none, e.g. with --sampler, --pdl)")
     parser.add_argument("--tag", default="", help="suffix of the result file's benchmark name, e.g. -decode")

@@ -1,0 +1,154 @@
+"""RMSNorm + linear at prefill M on Hopper: a persistent GEMM on TMA descriptors that carries the norm.
+
+The same function as ``kernels.rmsnorm_linear`` (its docstring has the algebra):
+
+    y = r * (h @ W'.T),   r = rsqrt(mean(h ** 2) + eps) per row,   h = x (+ residual),
+
+with ``W'`` the folded weight. The norm costs the GEMM nothing but a row scale in the epilogue and
+the sum of squares of the A tiles the main loop already brings on chip. What the tl.dot kernels of
+``rmsnorm_linear`` lack, and cuBLAS has, is the Hopper main loop: operands fetched by the TMA engine
+into shared memory and multiplied from there by wgmma, several stages in flight. Here ``x`` (and the
+residual) and ``W'`` are read through host-built tensor descriptors (``triton.tools.tensor_descriptor``:
+out-of-bounds rows and columns read as zero, so the sums of squares need no mask), one program runs
+per SM and walks the output tiles in grouped order (GROUP_M row blocks share each W tile while it is
+in L2). The outputs go out with plain masked stores: TMA needs 16-byte row strides, which an odd N
+does not have.
+
+``rms_cols_start = N`` (no column takes r) skips the sum of squares: the kernel is then a plain
+GEMM, the yardstick for the fused one against cuBLAS (``kernels.bench``).
+
+GPU: compute capability 9 and up (TMA). The interpreter runs it on CPU for the tests.
+"""
+import torch
+
+from kernels.guard import INTERPRET, check_tensors, tl, triton, use_triton
+from kernels.rmsnorm_linear import _m_bucket, precision, rmsnorm_linear_ref
+
+
+@triton.jit
+def _tile_of(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(row block, column block) of output tile ``tile`` in grouped order."""
+    in_group = GROUP_M * num_pid_n
+    first_m = (tile // in_group) * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (tile % in_group) % group_m, (tile % in_group) // group_m
+
+
+@triton.jit
+def rmsnorm_linear_tma_kernel(
+    x_desc, r_desc, w_desc, H, Y, M, N, K, M_BUCKET, stride_hm, stride_ym, rms_cols_start, eps,
+    HAS_RESIDUAL: tl.constexpr, NORM: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_SMS: tl.constexpr,
+):
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS):
+        pid_m, pid_n = _tile_of(tile, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        rows = off_m + tl.arange(0, BLOCK_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            a = x_desc.load([off_m, k])
+            if HAS_RESIDUAL:
+                # Round the sum to the model dtype, as HF does before its norm; column block 0 stores h.
+                a = (a.to(tl.float32) + r_desc.load([off_m, k]).to(tl.float32)).to(a.dtype)
+                if pid_n == 0:
+                    cols = k + tl.arange(0, BLOCK_K)
+                    tl.store(H + rows.to(tl.int64)[:, None] * stride_hm + cols[None, :], a,
+                             mask=(rows < M)[:, None] & (cols < K)[None, :])
+            acc = tl.dot(a, w_desc.load([off_n, k]).T, acc, input_precision=PRECISION)
+            if NORM:
+                a32 = a.to(tl.float32)
+                sumsq += tl.sum(a32 * a32, axis=1)
+        cols = off_n + tl.arange(0, BLOCK_N)
+        y = acc
+        if NORM:
+            # r needs the whole row, so it can only be applied after the K loop.
+            rstd = tl.rsqrt(sumsq / K + eps)
+            y = acc * tl.where(cols[None, :] >= rms_cols_start, rstd[:, None], 1.0)
+        tl.store(Y + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :], y.to(Y.dtype.element_ty),
+                 mask=(rows < M)[:, None] & (cols < N)[None, :])
+
+
+def _set_block_shapes(nargs):
+    """The descriptors' block shapes follow the autotuner's config (they are built before it picks)."""
+    for name, rows in (("x_desc", "BLOCK_M"), ("r_desc", "BLOCK_M"), ("w_desc", "BLOCK_N")):
+        if nargs[name] is not None:
+            nargs[name].block_shape = [nargs[rows], nargs["BLOCK_K"]]
+
+
+def _tma_configs(rows):
+    return [triton.Config(dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"), r[:4])), num_warps=r[4],
+                          num_stages=r[5], pre_hook=_set_block_shapes) for r in rows]
+
+
+if INTERPRET:
+    # Small tiles, so the tests' tiny shapes cover several tiles per program, partial tiles and a group.
+    _CONFIGS = _tma_configs([(16, 16, 16, 2, 1, 1)])
+    _NUM_SMS_INTERPRETED = 3
+else:
+    # Hopper's bf16 GEMM tiles (128 x 128 / 256 with 64-wide K steps, 3-4 stages: the persistent-matmul
+    # tutorial's space), and 64-row tiles for the smaller M.
+    _CONFIGS = _tma_configs([
+        (128, 128, 64, 8, 4, 3), (128, 128, 64, 8, 4, 4), (128, 128, 64, 8, 8, 4),
+        (128, 256, 64, 8, 8, 3), (128, 256, 64, 8, 8, 4), (128, 128, 128, 8, 8, 3),
+        (64, 128, 64, 8, 4, 4), (64, 256, 64, 8, 4, 4), (64, 64, 64, 8, 4, 4),
+    ])
+
+_kernel = triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_RESIDUAL", "NORM"])(
+    rmsnorm_linear_tma_kernel)
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" \
+        else _NUM_SMS_INTERPRETED
+
+
+def _check(x, w_folded, residual, rms_cols_start):
+    op = "rmsnorm_linear_tma"
+    if x.dim() != 2 or w_folded.dim() != 2 or x.shape[1] != w_folded.shape[1] or x.shape[1] == 0:
+        raise ValueError(f"{op}: x {tuple(x.shape)} must be [M, K] and w_folded {tuple(w_folded.shape)} [N, K]")
+    tensors = {"x": x, "w_folded": w_folded, **({"residual": residual} if residual is not None else {})}
+    check_tensors(op, **tensors)
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"{op}: residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
+    for name, t in tensors.items():
+        if (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+            raise ValueError(f"{op}: {name} needs a 16-byte aligned start and row stride for TMA "
+                             f"(row stride {t.stride(0)} elements of {t.element_size()} bytes)")
+    if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9:
+        raise ValueError(f"{op}: TMA needs compute capability 9 or more; this GPU has "
+                         f"{torch.cuda.get_device_capability(x.device)}")
+    if not 0 <= rms_cols_start <= w_folded.shape[0]:
+        raise ValueError(f"{op}: rms_cols_start={rms_cols_start} outside [0, N={w_folded.shape[0]}]")
+
+
+def rmsnorm_linear_tma(x: torch.Tensor, w_folded: torch.Tensor, eps: float = 1e-6,
+                       residual: torch.Tensor | None = None, rms_cols_start: int = 0):
+    """``kernels.rmsnorm_linear(x, w_folded, eps, residual, rms_cols_start)`` (no silu_mul) through the
+    Hopper TMA kernel: y [M, N], and with a residual ``(y, h)``. Reference: ``rmsnorm_linear_ref``.
+    Needs CUDA with compute capability >= 9, or CPU tensors under Triton's interpreter."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    _check(x, w_folded, residual, rms_cols_start)
+    if not use_triton(x):
+        return rmsnorm_linear_ref(x, w_folded, eps, residual, rms_cols_start)
+    m, k = x.shape
+    n = w_folded.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    h = torch.empty_like(x) if residual is not None else None
+    if m and n:
+        # Placeholder block shapes: the config's pre_hook sets the real ones.
+        def desc(t):
+            return TensorDescriptor.from_tensor(t, [16, 16])
+
+        sms = _num_sms(x.device)
+        _kernel[lambda meta: (min(sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)](
+            desc(x), desc(residual) if residual is not None else None, desc(w_folded), h, y,
+            m, n, k, _m_bucket(m), h.stride(0) if h is not None else 0, y.stride(0), rms_cols_start, eps,
+            HAS_RESIDUAL=residual is not None, NORM=rms_cols_start < n, PRECISION=precision(x.dtype),
+            NUM_SMS=sms,
+        )
+    return y if residual is None else (y, h)
