@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import kernels
 import minivllm.layers.attention as attention_mod
-from kernels.guard import pdl
+from kernels.guard import PDL_ALLOWED, pdl
 import minivllm.models.decoder as decoder_mod
 from minivllm import LLM, SamplingParams
 from minivllm.config import FUSION_MODES
@@ -204,7 +204,8 @@ def profile_mode(args, fusion: str) -> list[dict]:
                      steps_profiled=n, kernels_per_step=kernels, kernels_per_layer=kernels / layers,
                      gpu_us_per_step=sum(t1 - t0 for s in steps for *_, t0, t1 in s) / n,
                      wall_us_per_step=1e6 * statistics.median(walls), wall_us_min=1e6 * min(walls),
-                     wall_us_max=1e6 * max(walls), wall_steps=len(walls), cuda_graphs=graphs, pdl=llm.config.pdl,
+                     wall_us_max=1e6 * max(walls), wall_steps=len(walls), cuda_graphs=graphs,
+                     pdl=llm.config.pdl and PDL_ALLOWED,
                      dtype=str(llm.config.torch_dtype).replace("torch.", ""), device=llm.config.device,
                      model={k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size", "num_attention_heads",
                                                          "num_key_value_heads", "head_dim", "vocab_size")},
