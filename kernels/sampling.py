@@ -31,6 +31,41 @@ def _hash32(x):
 
 
 @triton.jit
+def _scaled_logit_and_bits(ROW, cols, end, key, t):
+    # z = fp32(logit / T) as the reference divides (div_rn: Triton's fp32 ``/`` is div.full.f32, 2 ulp),
+    # and the token's 32 noise bits.
+    logit = tl.load(ROW + cols, mask=cols < end, other=0.0)
+    return tl.math.div_rn(logit, t), _hash32(key.to(tl.uint32) ^ _hash32(cols))
+
+
+@triton.jit
+def _gumbel32(bits):
+    """-log(-log(u)), u = (bits + 0.5) / 2^32, in float32 (``_score32_error`` bounds its distance from the
+    float64 value). Where u is near 1, float32 holds too few of its digits for log(u): e = -log(u) comes
+    from t = 1 - u, formed from the integer 2^32 - bits (the series below t < 2^-7, log(1 - t) above)."""
+    u = (bits.to(tl.float32) + 0.5) * 2.3283064365386963e-10
+    t = ((0 - bits).to(tl.float32) - 0.5) * 2.3283064365386963e-10  # 0 - bits wraps to 2^32 - bits
+    series = t + t * t * (0.5 + t * 0.3333333333333333)
+    e = tl.where(bits < 2147483648, -tl.log(u), tl.where(t < 0.0078125, series, -tl.log(1.0 - t)))
+    return -tl.log(e)
+
+
+@triton.jit
+def _score32(z, bits, mask):
+    """The float32 score; masked-off and NaN tokens at -inf (the float64 pass never picks them either)."""
+    s = z + _gumbel32(bits)
+    return tl.where(mask & (s == s), s, -float("inf"))
+
+
+@triton.jit
+def _score32_error(s):
+    # A bound of |float32 score - float64 score|. _gumbel32 is within about 2e-6 of the float64 noise
+    # (each step keeps a relative error near float32's, with the GPU's approximate logs, 2^-22
+    # relative): 1e-4 is 50 times that. The float32 sum z + g adds |s| * 2^-24: 2^-20 is used.
+    return 1e-4 + tl.abs(s) * 9.5367431640625e-07
+
+
+@triton.jit
 def _gumbel_argmax_kernel(LOGITS, TEMPERATURES, KEYS, OUT, PART_SCORE, PART_TOKEN, stride_b, V, chunk, MIN_T,
                           BLOCK_V: tl.constexpr, SPLIT: tl.constexpr, USE_PDL: tl.constexpr):
     # Program (b, s) takes row b's tokens [s * chunk, (s + 1) * chunk): one row alone would leave all
@@ -59,17 +94,27 @@ def _gumbel_argmax_kernel(LOGITS, TEMPERATURES, KEYS, OUT, PART_SCORE, PART_TOKE
             best = tl.where(better, score, best)
             best_token = tl.where(better, cols.to(tl.int64), best_token)
     else:
+        # Pass 1: the split's best score in float32 (cheap: float32 logs), and the float64 floor every
+        # token that can still win must reach. Pass 2: the float64 scores (the reference's numbers) of
+        # the blocks that hold such a token only, typically one or two of the split's.
+        top32 = tl.full([BLOCK_V], -float("inf"), tl.float32)
         for block in range(start, end, BLOCK_V):
             cols = block + lanes
-            mask = cols < end
-            logit = tl.load(LOGITS + b * stride_b + cols, mask=mask, other=0.0)
-            bits = _hash32(key.to(tl.uint32) ^ _hash32(cols))
-            u = (bits.to(tl.float64) + 0.5) / 4294967296.0
-            # div_rn: Triton's fp32 ``/`` is div.full.f32 (2 ulp), torch's the IEEE quotient.
-            score = tl.where(mask, tl.math.div_rn(logit, t).to(tl.float64) - tl.log(-tl.log(u)), -float("inf"))
-            better = score > best
-            best = tl.where(better, score, best)
-            best_token = tl.where(better, cols.to(tl.int64), best_token)
+            z, bits = _scaled_logit_and_bits(LOGITS + b * stride_b, cols, end, key, t)
+            top32 = tl.maximum(top32, _score32(z, bits, cols < end))
+        best32 = tl.max(top32, axis=0)
+        floor = tl.where(best32 == float("inf"), best32, best32 - _score32_error(best32))
+        for block in range(start, end, BLOCK_V):
+            cols = block + lanes
+            z, bits = _scaled_logit_and_bits(LOGITS + b * stride_b, cols, end, key, t)
+            s32 = _score32(z, bits, cols < end)
+            reach = tl.where(s32 == -float("inf"), s32, s32 + _score32_error(s32))
+            if tl.max(reach, axis=0) >= floor:
+                u = (bits.to(tl.float64) + 0.5) / 4294967296.0
+                score = tl.where(cols < end, z.to(tl.float64) - tl.log(-tl.log(u)), -float("inf"))
+                better = score > best
+                best = tl.where(better, score, best)
+                best_token = tl.where(better, cols.to(tl.int64), best_token)
     top = tl.max(best, axis=0)
     token = tl.min(tl.where(best == top, best_token, V), axis=0)
     if SPLIT:

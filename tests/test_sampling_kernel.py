@@ -69,6 +69,47 @@ def test_gumbel_argmax_takes_the_first_of_maxima_tied_across_vocabulary_splits()
     assert torch.equal(got, gumbel_argmax_ref(logits, temperatures, keys))
 
 
+@runs_kernels
+def test_gumbel_argmax_breaks_a_near_tie_that_float32_cannot_see():
+    # Two tokens, in different blocks, whose float64 scores differ by about 1e-7: the float32 pre-screen
+    # cannot order them, so both blocks must reach the float64 pass, which must pick as the reference does.
+    block = kernels.sampling.BLOCK_V
+    vocab = 3 * block
+    keys = torch.tensor([987654321, 13579], dtype=torch.int64)
+    gumbel = -torch.log(-torch.log(kernels.sampling.token_noise(keys, vocab)))
+    logits = torch.full((2, vocab), -30.0, dtype=torch.float32)
+    for row, (a, b) in enumerate([(5, 2 * block + 9), (block + 1, 3 * block - 1)]):
+        logits[row, a] = float(10.0 - gumbel[row, a])
+        logits[row, b] = float(10.0 - gumbel[row, b] + 2e-7)
+    temperatures = torch.ones(2)
+    want = gumbel_argmax_ref(logits, temperatures, keys)
+    got = gumbel_argmax(logits.to(DEVICE), temperatures.to(DEVICE), keys.to(DEVICE))
+    assert torch.equal(got.cpu(), want)
+
+
+@runs_kernels
+def test_float32_gumbel_noise_is_within_its_bound_everywhere():
+    # _gumbel32 over the ends of the bit range (u near 0 and near 1, where float32 alone loses digits),
+    # the branch edges and random bits, against the float64 noise: well inside the pre-screen's 1e-4.
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def noise_kernel(BITS, OUT, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        bits = tl.load(BITS + offs, mask=offs < n, other=0).to(tl.uint32)
+        tl.store(OUT + offs, kernels.sampling._gumbel32(bits), mask=offs < n)
+
+    edges = [0, 1, 2**31 - 1, 2**31, 2**31 + 1, 2**32 - 1] + [2**32 - 2**k for k in range(1, 32)]
+    edges += [2**32 - int(2**32 * t) for t in (2.0**-7, 2.0**-7 * 1.001, 2.0**-7 * 0.999)]
+    random_bits = torch.randint(0, 2**32, (20000,), generator=torch.Generator().manual_seed(5))
+    bits = torch.cat([torch.tensor(edges), random_bits])
+    out = torch.empty(len(bits), dtype=torch.float32, device=DEVICE)
+    noise_kernel[(triton.cdiv(len(bits), 1024),)](bits.to(DEVICE), out, len(bits), BLOCK=1024)
+    exact = -torch.log(-torch.log((bits.double() + 0.5) / 2.0**32))
+    assert (out.cpu().double() - exact).abs().max() < 1e-5
+
+
 def test_vocabulary_splits_fill_the_gpu_only_while_the_rows_do_not():
     qwen3_vocab, h200_sms = 151936, 132
     blocks = -(-qwen3_vocab // kernels.sampling.BLOCK_V)
