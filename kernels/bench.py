@@ -10,7 +10,9 @@ Writes ``<out>/kernels-<gpu slug>.json`` and prints a table. Implementations (bf
   fused_tiled         cublas_route (row kernel + cuBLAS: the unfused route the dispatch takes
   cublas_route        at large M)
   cublas_linear_only  F.linear(x, W) alone: the GEMM with no norm work at all
-  fused_tma           kernels.rmsnorm_linear_tma: the persistent TMA GEMM carrying the norm (Hopper, M >= 2)
+  fused_tma           kernels.rmsnorm_linear_tma: the persistent TMA GEMM carrying the norm (Hopper, M >= 2),
+                      its sums of squares (and h = x + residual) in the main loop
+  fused_tma_rows      the same GEMM after a row pass that writes h and r (sum_of_squares="row_pass")
   tma_linear_only     the same kernel with no column normed: a plain GEMM, the yardstick against
                       cublas_linear_only
   eager_unfused       HF-style add + RMSNorm in eager torch, then F.linear (cuBLAS)
@@ -142,6 +144,8 @@ def impls(op, M):
         "fused": lambda s: rmsnorm_linear(s.x, s.w_folded, EPS, s.residual, op.rms_cols_start),
         **forced,
         **({"fused_tma": lambda s: rmsnorm_linear_tma(s.x, s.w_folded, EPS, s.residual, op.rms_cols_start),
+            "fused_tma_rows": lambda s: rmsnorm_linear_tma(s.x, s.w_folded, EPS, s.residual, op.rms_cols_start,
+                                                           "row_pass"),
             "tma_linear_only": lambda s: rmsnorm_linear_tma(s.x, s.w, EPS, None, op.N)} if times_tma(M) else {}),
         "cublas_linear_only": lambda s: torch.nn.functional.linear(s.x, s.w),
         "eager_unfused": lambda s: unfused(s.x, s.residual, s.gamma, s.w),
@@ -256,11 +260,12 @@ def bench_op(op, M, rep):
     for impl, call in {**impls(op, M), **full_impls(op, M)}.items():
         out = call(sets[0])  # warm-up: autotuning, torch.compile
         err = None
-        fused_path = {"fused": rl.path_for(M), "fused_tma": TMA_PATH, **{v: k for k, v in PATH_IMPL.items()}}.get(impl)
+        fused_path = {"fused": rl.path_for(M), "fused_tma": TMA_PATH, "fused_tma_rows": TMA_PATH,
+                      **{v: k for k, v in PATH_IMPL.items()}}.get(impl)
         if fused_path or impl == "eager_unfused":
             err = rel_err(out[0], exact_fp64(sets[0], op.rms_cols_start if fused_path else 0))
         config = None
-        if impl in ("fused_tma", "tma_linear_only"):
+        if impl in ("fused_tma", "fused_tma_rows", "tma_linear_only"):
             config = {"path": TMA_PATH, **config_dict(rl_tma._kernel.best_config, {})}
         elif fused_path is not None:
             config = {"path": fused_path}

@@ -25,6 +25,7 @@ def _rmsnorm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
     STORE_RSTD: tl.constexpr,
+    STORE_Y: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     # One program per row: a whole hidden vector fits in registers. H is where h = x + residual
@@ -32,7 +33,8 @@ def _rmsnorm_kernel(
     # Without gamma (already folded into the next weight) y is the normalised row rounded
     # once; RSTD (fp32, per row) is stored for epilogues that need r. Rows of X may be grouped:
     # row i is X[i // rows_per_group, i % rows_per_group] (q's heads inside the qkv output, read
-    # where they lie instead of copied out first).
+    # where they lie instead of copied out first). Without STORE_Y only h and r leave (a GEMM that
+    # scales its rows by r reads h: kernels.rmsnorm_linear_tma).
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
@@ -47,30 +49,33 @@ def _rmsnorm_kernel(
     rstd = tl.rsqrt(tl.sum(hf * hf, axis=0) / N + eps)
     if STORE_RSTD:
         tl.store(RSTD + row, rstd)
-    normed = (hf * rstd).to(X.dtype.element_ty)
-    if HAS_GAMMA:
-        g = tl.load(G + cols, mask=mask, other=0.0)
-        # HF multiplies gamma and the normalised value in the model dtype: one rounding.
-        y = g.to(tl.float32) * normed.to(tl.float32)
-    else:
-        y = normed
-    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    if STORE_Y:
+        normed = (hf * rstd).to(X.dtype.element_ty)
+        if HAS_GAMMA:
+            g = tl.load(G + cols, mask=mask, other=0.0)
+            # HF multiplies gamma and the normalised value in the model dtype: one rounding.
+            y = g.to(tl.float32) * normed.to(tl.float32)
+        else:
+            y = normed
+        tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
 def launch_rows(x2, r2, h2, gamma, y2, rstd, eps):
     """``_rmsnorm_kernel`` on ``x2`` [M, N], or on the M = G * H rows of a strided ``x2`` [G, H, N]:
-    one program per row; ``y2`` [M, N]."""
+    one program per row; ``y2`` [M, N], or None to write only h and ``rstd``."""
     n = x2.shape[-1]
     block_n = triton.next_power_of_2(n)
     grouped = x2.dim() == 3
-    _rmsnorm_kernel[(y2.shape[0],)](
+    _rmsnorm_kernel[(x2.shape[0] * x2.shape[1] if grouped else x2.shape[0],)](
         x2, r2, h2, gamma, y2, rstd,
         x2.stride(0), x2.stride(1) if grouped else 0, x2.shape[1] if grouped else 1,
-        r2.stride(0) if r2 is not None else 0, h2.stride(0) if h2 is not None else 0, y2.stride(0),
+        r2.stride(0) if r2 is not None else 0, h2.stride(0) if h2 is not None else 0,
+        y2.stride(0) if y2 is not None else 0,
         n, eps,
         HAS_RESIDUAL=r2 is not None,
         HAS_GAMMA=gamma is not None,
         STORE_RSTD=rstd is not None,
+        STORE_Y=y2 is not None,
         BLOCK_N=block_n,
         num_warps=min(max(block_n // 512, 1), 16),
     )

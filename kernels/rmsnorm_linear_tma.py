@@ -17,11 +17,20 @@ does not have.
 ``rms_cols_start = N`` (no column takes r) skips the sum of squares: the kernel is then a plain
 GEMM, the yardstick for the fused one against cuBLAS (``kernels.bench``).
 
+Where the sums of squares come from (``sum_of_squares``):
+  * "mainloop": from the A tiles, in the GEMM itself; with a residual h = x + residual is formed in
+    registers there, and the programs of column block 0 store h. Measured on the H200 (kernels/NOTES.md,
+    run 8) that takes A off the TMA-to-wgmma path: 1.4-1.8x the plain GEMM.
+  * "row_pass": a row kernel (``kernels.rmsnorm``'s, without its normalised output) writes h and each
+    row's r in fp32 first; the GEMM reads h through TMA as a plain GEMM does and scales its rows by r.
+    The unfused route writes h and the normalised rows; this writes h and 4 bytes a row.
+
 GPU: compute capability 9 and up (TMA). The interpreter runs it on CPU for the tests.
 """
 import torch
 
 from kernels.guard import INTERPRET, check_tensors, tl, triton, use_triton
+from kernels.rmsnorm import launch_rows
 from kernels.rmsnorm_linear import _m_bucket, precision, rmsnorm_linear_ref
 
 
@@ -36,8 +45,8 @@ def _tile_of(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def rmsnorm_linear_tma_kernel(
-    x_desc, r_desc, w_desc, H, Y, M, N, K, M_BUCKET, stride_hm, stride_ym, rms_cols_start, eps,
-    HAS_RESIDUAL: tl.constexpr, NORM: tl.constexpr, PRECISION: tl.constexpr,
+    x_desc, r_desc, w_desc, H, Y, RSTD, M, N, K, M_BUCKET, stride_hm, stride_ym, rms_cols_start, eps,
+    HAS_RESIDUAL: tl.constexpr, NORM: tl.constexpr, RSTD_GIVEN: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_SMS: tl.constexpr,
 ):
@@ -60,14 +69,17 @@ def rmsnorm_linear_tma_kernel(
                     tl.store(H + rows.to(tl.int64)[:, None] * stride_hm + cols[None, :], a,
                              mask=(rows < M)[:, None] & (cols < K)[None, :])
             acc = tl.dot(a, w_desc.load([off_n, k]).T, acc, input_precision=PRECISION)
-            if NORM:
+            if NORM and not RSTD_GIVEN:
                 a32 = a.to(tl.float32)
                 sumsq += tl.sum(a32 * a32, axis=1)
         cols = off_n + tl.arange(0, BLOCK_N)
         y = acc
         if NORM:
             # r needs the whole row, so it can only be applied after the K loop.
-            rstd = tl.rsqrt(sumsq / K + eps)
+            if RSTD_GIVEN:
+                rstd = tl.load(RSTD + rows, mask=rows < M, other=1.0)
+            else:
+                rstd = tl.rsqrt(sumsq / K + eps)
             y = acc * tl.where(cols[None, :] >= rms_cols_start, rstd[:, None], 1.0)
         tl.store(Y + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :], y.to(Y.dtype.element_ty),
                  mask=(rows < M)[:, None] & (cols < N)[None, :])
@@ -98,7 +110,7 @@ else:
         (64, 128, 64, 8, 4, 4), (64, 256, 64, 8, 4, 4), (64, 64, 64, 8, 4, 4),
     ])
 
-_kernel = triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_RESIDUAL", "NORM"])(
+_kernel = triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_RESIDUAL", "NORM", "RSTD_GIVEN"])(
     rmsnorm_linear_tma_kernel)
 
 
@@ -107,8 +119,13 @@ def _num_sms(device: torch.device) -> int:
         else _NUM_SMS_INTERPRETED
 
 
-def _check(x, w_folded, residual, rms_cols_start):
+SUMS_OF_SQUARES = ("mainloop", "row_pass")
+
+
+def _check(x, w_folded, residual, rms_cols_start, sum_of_squares):
     op = "rmsnorm_linear_tma"
+    if sum_of_squares not in SUMS_OF_SQUARES:
+        raise ValueError(f"{op}: sum_of_squares={sum_of_squares!r}; choose one of {SUMS_OF_SQUARES}")
     if x.dim() != 2 or w_folded.dim() != 2 or x.shape[1] != w_folded.shape[1] or x.shape[1] == 0:
         raise ValueError(f"{op}: x {tuple(x.shape)} must be [M, K] and w_folded {tuple(w_folded.shape)} [N, K]")
     tensors = {"x": x, "w_folded": w_folded, **({"residual": residual} if residual is not None else {})}
@@ -127,28 +144,35 @@ def _check(x, w_folded, residual, rms_cols_start):
 
 
 def rmsnorm_linear_tma(x: torch.Tensor, w_folded: torch.Tensor, eps: float = 1e-6,
-                       residual: torch.Tensor | None = None, rms_cols_start: int = 0):
+                       residual: torch.Tensor | None = None, rms_cols_start: int = 0, sum_of_squares: str = "mainloop"):
     """``kernels.rmsnorm_linear(x, w_folded, eps, residual, rms_cols_start)`` (no silu_mul) through the
-    Hopper TMA kernel: y [M, N], and with a residual ``(y, h)``. Reference: ``rmsnorm_linear_ref``.
-    Needs CUDA with compute capability >= 9, or CPU tensors under Triton's interpreter."""
+    Hopper TMA kernel: y [M, N], and with a residual ``(y, h)``. ``sum_of_squares``: "mainloop" or
+    "row_pass" (the module docstring). Reference: ``rmsnorm_linear_ref``. Needs CUDA with compute
+    capability >= 9, or CPU tensors under Triton's interpreter."""
     from triton.tools.tensor_descriptor import TensorDescriptor
-    _check(x, w_folded, residual, rms_cols_start)
+    _check(x, w_folded, residual, rms_cols_start, sum_of_squares)
     if not use_triton(x):
         return rmsnorm_linear_ref(x, w_folded, eps, residual, rms_cols_start)
     m, k = x.shape
     n = w_folded.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     h = torch.empty_like(x) if residual is not None else None
+    norm = rms_cols_start < n
+    row_pass = sum_of_squares == "row_pass" and (norm or residual is not None)
+    rstd = torch.empty(m, dtype=torch.float32, device=x.device) if row_pass and norm else None
+    if m and row_pass:
+        launch_rows(x, residual, h, None, None, rstd, eps)
     if m and n:
         # Placeholder block shapes: the config's pre_hook sets the real ones.
         def desc(t):
             return TensorDescriptor.from_tensor(t, [16, 16])
 
+        a, r = (h if residual is not None else x, None) if row_pass else (x, residual)
         sms = _num_sms(x.device)
         _kernel[lambda meta: (min(sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)](
-            desc(x), desc(residual) if residual is not None else None, desc(w_folded), h, y,
+            desc(a), desc(r) if r is not None else None, desc(w_folded), h, y, rstd,
             m, n, k, _m_bucket(m), h.stride(0) if h is not None else 0, y.stride(0), rms_cols_start, eps,
-            HAS_RESIDUAL=residual is not None, NORM=rms_cols_start < n, PRECISION=precision(x.dtype),
+            HAS_RESIDUAL=r is not None, NORM=norm, RSTD_GIVEN=rstd is not None, PRECISION=precision(x.dtype),
             NUM_SMS=sms,
         )
     return y if residual is None else (y, h)

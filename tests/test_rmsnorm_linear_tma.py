@@ -14,7 +14,7 @@ from tests.kernel_testing import (DEVICE, EPS, assert_no_worse, kernel_test_setu
 select_interpreter()
 
 from kernels import fold_rmsnorm_weight, rmsnorm_linear_ref, rmsnorm_ref  # noqa: E402
-from kernels.rmsnorm_linear_tma import rmsnorm_linear_tma  # noqa: E402
+from kernels.rmsnorm_linear_tma import SUMS_OF_SQUARES, rmsnorm_linear_tma  # noqa: E402
 from kernels.shapes import MODELS, TEST_MS, TEST_NKS, ops  # noqa: E402
 
 ON_TRITON, runs_kernels, test_cpu_kernels_in_fresh_process = kernel_test_setup(__file__)
@@ -34,19 +34,20 @@ def inputs(M, N, K, dtype, device=DEVICE):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("columns", ["all", "a third without r", "none (plain GEMM)"])
+@pytest.mark.parametrize("sum_of_squares", SUMS_OF_SQUARES)
 @pytest.mark.parametrize("N,K", TEST_NKS)
 @pytest.mark.parametrize("M", TEST_MS)
-def test_tma_kernel_is_no_worse_than_the_unfused_path(M, N, K, columns, with_residual, dtype):
+def test_tma_kernel_is_no_worse_than_the_unfused_path(M, N, K, sum_of_squares, columns, with_residual, dtype):
     torch.manual_seed(M * 1000 + N)
     x, residual, gamma, w = inputs(M, N, K, dtype)
     w_folded = fold_rmsnorm_weight(gamma, w)
     rms_cols_start = {"all": 0, "a third without r": N // 3, "none (plain GEMM)": N}[columns]
     x_before, residual_before = x.clone(), residual.clone()
     if with_residual:
-        y, h = poisoned(rmsnorm_linear_tma, x, w_folded, EPS, residual, rms_cols_start)
+        y, h = poisoned(rmsnorm_linear_tma, x, w_folded, EPS, residual, rms_cols_start, sum_of_squares)
         assert torch.equal(h, x_before + residual_before), "h must be x + residual in the model dtype"
     else:
-        y, h = poisoned(rmsnorm_linear_tma, x, w_folded, EPS, None, rms_cols_start), x
+        y, h = poisoned(rmsnorm_linear_tma, x, w_folded, EPS, None, rms_cols_start, sum_of_squares), x
     assert torch.equal(x, x_before) and torch.equal(residual, residual_before)
     baseline = rmsnorm_linear_ref(h, w_folded, EPS, rms_cols_start=rms_cols_start)
     exact = rmsnorm_linear_ref(h.double(), w_folded.double(), EPS, rms_cols_start=rms_cols_start)
@@ -66,6 +67,8 @@ def test_tma_kernel_rejects_what_tma_cannot_read():
         rmsnorm_linear_tma(x, w, residual=randn(3, 40, dtype=torch.float16))
     with pytest.raises(ValueError, match="rms_cols_start"):
         rmsnorm_linear_tma(x, w, rms_cols_start=9)
+    with pytest.raises(ValueError, match="sum_of_squares"):
+        rmsnorm_linear_tma(x, w, sum_of_squares="epilogue")
 
 
 PREFILL_OPS = [(op, m) for model in MODELS for op in ops(model) if op.op != "lm_head" for m in (128, 2048)]
@@ -73,12 +76,13 @@ PREFILL_OPS = [(op, m) for model in MODELS for op in ops(model) if op.op != "lm_
 
 @pytest.mark.gpu
 @needs_tma
+@pytest.mark.parametrize("sum_of_squares", SUMS_OF_SQUARES)
 @pytest.mark.parametrize("op,M", PREFILL_OPS, ids=[f"{o.model}-{o.op}-M{m}" for o, m in PREFILL_OPS])
-def test_tma_kernel_at_prefill_shapes_in_bf16(op, M):
+def test_tma_kernel_at_prefill_shapes_in_bf16(op, M, sum_of_squares):
     torch.manual_seed(M)
     x, residual, gamma, w = inputs(M, op.N, op.K, torch.bfloat16, device="cuda")
     w_folded = fold_rmsnorm_weight(gamma, w)
-    y, h = poisoned(rmsnorm_linear_tma, x, w_folded, EPS, residual, op.rms_cols_start)
+    y, h = poisoned(rmsnorm_linear_tma, x, w_folded, EPS, residual, op.rms_cols_start, sum_of_squares)
     assert torch.equal(h, x + residual)
     rows = slice(0, 64)
     h = h[rows]
