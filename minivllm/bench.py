@@ -33,14 +33,14 @@ PEERS = ("nano-vllm", "hf", "hf_compiled")
 
 
 def engines(args, **kwargs):
-    """One engine per tensor-parallel size, fusion mode, PDL and async-scheduling setting, each shut down
-    before the next starts (a process is rank 0 of one tensor-parallel group at a time)."""
-    for tp, fusion, pdl, overlap in itertools.product(args.tensor_parallel_size, args.fusion, args.pdl,
-                                                      args.async_scheduling):
+    """One engine per tensor-parallel size, fusion mode, PDL, async-scheduling and prefill-graph setting, each
+    shut down before the next starts (a process is rank 0 of one tensor-parallel group at a time)."""
+    for tp, fusion, pdl, overlap, prefill_graphs in itertools.product(
+            args.tensor_parallel_size, args.fusion, args.pdl, args.async_scheduling, args.prefill_graphs):
         gc.collect()
         torch.cuda.empty_cache()
         llm = LLM(args.model, fusion=fusion, enforce_eager=args.enforce_eager, tensor_parallel_size=tp, pdl=pdl,
-                  async_scheduling=overlap, **kwargs)
+                  async_scheduling=overlap, prefill_graphs=prefill_graphs, **kwargs)
         try:
             yield llm
         finally:
@@ -64,7 +64,7 @@ def stats(samples_ms: list[float]) -> dict:
 
 def base_row(llm: LLM, args, workload: str) -> dict:
     return dict(workload=workload, engine="minivllm", fusion=llm.config.fusion, pdl=llm.config.pdl,
-                async_scheduling=llm.config.async_scheduling,
+                async_scheduling=llm.config.async_scheduling, prefill_graphs=llm.config.prefill_graphs,
                 tensor_parallel_size=llm.config.tensor_parallel_size, model_name=args.model_name)
 
 
@@ -200,6 +200,8 @@ def main(argv=None):
                         help="programmatic dependent launch (Config.pdl): on, off, or both side by side (A/B)")
     parser.add_argument("--async-scheduling", default="on", choices=("on", "off", "on,off", "off,on"),
                         help="generate's overlap of the host with the GPU (Config.async_scheduling): on, off, or both")
+    parser.add_argument("--prefill-graphs", default="off", choices=("on", "off", "on,off", "off,on"),
+                        help="small prefill steps replayed from padded graphs (Config.prefill_graphs): on, off or both")
     parser.add_argument("--out", default="data/results")
     parser.add_argument("--tag", default="", help="suffix for the result file's benchmark name")
     args = parser.parse_args(argv)
@@ -211,6 +213,7 @@ def main(argv=None):
     args.fusion = list(FUSION_MODES) if args.fusion == "all" else args.fusion.split(",")
     args.pdl = [v == "on" for v in args.pdl.split(",")]
     args.async_scheduling = [v == "on" for v in args.async_scheduling.split(",")]
+    args.prefill_graphs = [v == "on" for v in args.prefill_graphs.split(",")]
     if any(args.pdl) and not PDL_ALLOWED:
         parser.error("--pdl on needs KERNELS_PDL=1 in the environment (PDL is opt-in: kernels.guard)")
     args.peers = [p for p in args.peers.split(",") if p]

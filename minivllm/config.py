@@ -272,6 +272,9 @@ class Config:
     enforce_eager: bool = False
     # generate() prepares each decode step while the GPU runs the one before (one tensor-parallel rank)
     async_scheduling: bool = True
+    # Small prefill steps (ModelRunner.PREFILL_GRAPH_TOKENS, one rank) run as a padded step: a CUDA-graph replay
+    # on a GPU. Off until its GPU tests and TTFT have run (kernels/NOTES.md).
+    prefill_graphs: bool = False
     tensor_parallel_size: int = 1
     seed: int = 0
     fusion: str = "off"
@@ -311,7 +314,7 @@ class Config:
         checks.real("gpu_memory_utilization", self.gpu_memory_utilization, low=0, high=1, low_open=True)
         checks.real("cpu_kvcache_space_gb", self.cpu_kvcache_space_gb, low=0, low_open=True)
         for name in ("enable_prefix_caching", "enable_chunked_prefill", "enforce_eager", "async_scheduling", "pdl",
-                     "mixed_steps"):
+                     "mixed_steps", "prefill_graphs"):
             checks.flag(name, getattr(self, name))
         checks.integer("seed", self.seed, *checks.SEED_RANGE)
         for name in ("dtype", "device", "fusion"):

@@ -434,6 +434,35 @@ def test_mixed_steps_keep_the_outputs_and_let_decodes_ride_along(ckpt, monkeypat
     assert llm.scheduler.block_manager.num_free_blocks == llm.config.num_kvcache_blocks
 
 
+@pytest.mark.parametrize("fusion", ["off", "full"])
+def test_padded_prefill_steps_give_the_unpadded_engines_outputs(ckpt, fusion, monkeypatch):
+    # Config.prefill_graphs: small prefill steps run padded to PREFILL_GRAPH_TOKENS with PREFILL_GRAPH_SEQS
+    # sequences (on a GPU the padded step is a graph replay; here the same computation runs eagerly). Padding
+    # tokens store no KV and padding sequences attend to nothing: every output is the unpadded engine's,
+    # with chunked prefill over a cached prefix, steps of too many sequences (run as they are) and
+    # seeded sampling.
+    from minivllm.engine import model_runner as mr
+    shared = random_prompts([40], seed=21)[0]
+    prompts = [shared + p for p in random_prompts([3, 9], seed=22)] + random_prompts([17, 1, 60, 5], seed=23)
+    params = [SamplingParams(temperature=t, seed=i, max_tokens=6 + i, ignore_eos=True)
+              for i, t in enumerate([0, 0.9, 0, 0, 1.3, 0])]
+    kwargs = dict(device="cpu", max_model_len=160, max_num_batched_tokens=48, fusion=fusion)
+    expected = [outputs_of(LLM(ckpt, **kwargs).generate(p, q, use_tqdm=False))
+                for p, q in ((prompts[:1], params[:1]), (prompts, params))]
+    llm = LLM(ckpt, prefill_graphs=True, **kwargs)
+    padded = []
+    pad = llm.model_runner.prefill_padded
+    monkeypatch.setattr(llm.model_runner, "prefill_padded", lambda packed, tokens: (
+        padded.append(tokens), pad(packed, tokens))[1])
+    assert outputs_of(llm.generate(prompts[:1], params[:1], use_tqdm=False)) == expected[0]
+    assert outputs_of(llm.generate(prompts, params, use_tqdm=False)) == expected[1]
+    assert padded and set(padded) <= set(mr.PREFILL_GRAPH_TOKENS)
+    assert llm.scheduler.block_manager.num_free_blocks == llm.config.num_kvcache_blocks
+    monkeypatch.setattr(mr, "PREFILL_GRAPH_SEQS", 1)  # every multi-sequence step now runs unpadded
+    assert llm.model_runner.padded_prefill_tokens(10, 2) is None and llm.model_runner.padded_prefill_tokens(10, 1) == 16
+    assert llm.model_runner.padded_prefill_tokens(mr.PREFILL_GRAPH_TOKENS[-1] + 1, 1) is None
+
+
 def test_kv_cache_usage_counts_the_blocks_the_sequences_hold(ckpt):
     # Two running requests sharing a cached first block: it is held twice, their own blocks once each.
     llm = LLM(ckpt, device="cpu", max_model_len=128)
@@ -452,12 +481,15 @@ def test_kv_cache_usage_counts_the_blocks_the_sequences_hold(ckpt):
 
 
 def test_bench_engines_cover_every_setting_and_rows_name_them():
-    # --async-scheduling on,off (and --pdl): one engine per setting, in order, each row naming its own.
+    # --async-scheduling on,off and --prefill-graphs off,on (and --pdl): one engine per setting, in order, each row
+    # naming its own.
     import argparse
 
     from minivllm import bench
     args = argparse.Namespace(model=tiny_checkpoint(), model_name="tiny", tensor_parallel_size=[1], fusion=["off"],
-                              pdl=[False], async_scheduling=[True, False], enforce_eager=False)
+                              pdl=[False], async_scheduling=[True, False], prefill_graphs=[False, True],
+                              enforce_eager=False)
     rows = [bench.base_row(llm, args, "decode_latency") for llm in bench.engines(args, device="cpu")]
-    settings = [(r["async_scheduling"], r["pdl"], r["fusion"]) for r in rows]
-    assert settings == [(True, False, "off"), (False, False, "off")]
+    settings = [(r["async_scheduling"], r["prefill_graphs"], r["pdl"], r["fusion"]) for r in rows]
+    assert settings == [(True, False, False, "off"), (True, True, False, "off"), (False, False, False, "off"),
+                        (False, True, False, "off")]

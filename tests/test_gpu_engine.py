@@ -80,6 +80,31 @@ def test_the_graph_decode_step_and_the_overlap_give_the_synchronous_eager_engine
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
 
 
+@pytest.mark.parametrize("fusion", ["off", "full"])
+def test_prefill_graphs_give_the_eager_prefills_tokens(fusion):
+    """fp32: prefill steps replayed from their padded graphs (Config.prefill_graphs), a cached prefix, a
+    prompt longer than the largest graph (eager) and seeded rows, against the engine without them."""
+    from minivllm.engine.model_runner import PREFILL_GRAPH_TOKENS
+    shared = random_prompts([40], seed=6)[0]
+    prompts = [shared + p for p in random_prompts([3, 9], seed=7)] + random_prompts([17, 600, 5], seed=8)
+    params = [SamplingParams(temperature=t, seed=i, max_tokens=12, ignore_eos=True)
+              for i, t in enumerate([0, 0.8, 0, 1.2, 0])]
+    settings = dict(device="cuda", dtype="float32", max_num_seqs=8, max_model_len=1024, kvcache_block_size=16,
+                    gpu_memory_utilization=0.3, fusion=fusion)
+    with LLM(tiny_checkpoint(), **settings) as plain:
+        expected = [[o.outputs[0].token_ids for o in plain.generate([p], [q], use_tqdm=False)]
+                    for p, q in zip(prompts, params)]
+    with LLM(tiny_checkpoint(), prefill_graphs=True, **settings) as llm:
+        assert set(llm.model_runner.prefill_graphs) == set(PREFILL_GRAPH_TOKENS)
+        padded = []
+        pad = llm.model_runner.prefill_padded
+        llm.model_runner.prefill_padded = lambda packed, tokens: (padded.append(tokens), pad(packed, tokens))[1]
+        got = [[o.outputs[0].token_ids for o in llm.generate([p], [q], use_tqdm=False)]
+               for p, q in zip(prompts, params)]
+        assert got == expected
+        assert padded and set(padded) <= set(llm.model_runner.prefill_graphs)  # every padded step a replay
+
+
 @pytest.mark.parametrize("checkpoint", ["qwen3_06b", "llama_32_1b"])
 def test_bf16_fusion_and_graphs_agree(checkpoint, request):
     """bf16 logits of every mode (eager, CUDA graphs, each fusion) against the engine in fp32, with the

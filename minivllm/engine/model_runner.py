@@ -52,6 +52,31 @@ def decode_size(bs: int, width: int) -> int:
     return bs * (len(DECODE_FIELDS) + width)
 
 
+# Prefill steps of at most PREFILL_GRAPH_TOKENS[-1] tokens and PREFILL_GRAPH_SEQS sequences run padded to the
+# next of these token counts (Config.prefill_graphs): one graph each, so that a short prompt's first token
+# waits on the GPU, not on launching some 200 kernels from Python. Longer steps are bound by the GPU's work.
+PREFILL_GRAPH_TOKENS = (16, 32, 64, 128, 256, 512)
+PREFILL_GRAPH_SEQS = 8
+# A padded prefill step's int32 inputs: T token rows, then S + 1 cu_seqlens, S keys-per-sequence and S
+# last-token rows, then the [S, width] block table. Padding tokens belong to no sequence and store no KV
+# (slot -1); padding sequences have no new tokens and one key.
+PREFILL_TOKEN_FIELDS = ("input_ids", "positions", "slot_mapping")
+
+
+def prefill_size(tokens: int, seqs: int, width: int) -> int:
+    return len(PREFILL_TOKEN_FIELDS) * tokens + 3 * seqs + 1 + seqs * width
+
+
+def unpack_prefill(packed: torch.Tensor, tokens: int, seqs: int, width: int) -> dict:
+    """Views of the fields of ``packed`` (laid out by ``ModelRunner.pack_prefill``)."""
+    fields = {name: packed[i * tokens:(i + 1) * tokens] for i, name in enumerate(PREFILL_TOKEN_FIELDS)}
+    at = len(PREFILL_TOKEN_FIELDS) * tokens
+    for name, size in (("cu_seqlens_q", seqs + 1), ("seqlens_k", seqs), ("last_rows", seqs)):
+        fields[name], at = packed[at:at + size], at + size
+    fields["block_tables"] = packed[at:at + seqs * width].reshape(seqs, width)
+    return fields
+
+
 @dataclass
 class PendingDecode:
     """A decode step launched and not yet waited for: its sequences and where its tokens arrive."""
@@ -110,6 +135,10 @@ class ModelRunner:
         self.tokens_copied = [torch.cuda.Event(), torch.cuda.Event()] if pin else None  # one per host buffer
         self.host_side = 0  # which of the two the newest step uses
         self.decode_cu_seqlens = torch.arange(rows + 1, dtype=torch.int32, device=self.device)
+        self.prefill_graphs, self.prefill_outputs = {}, {}
+        self.prefill_inputs = torch.zeros(prefill_size(PREFILL_GRAPH_TOKENS[-1], PREFILL_GRAPH_SEQS, self.graph_width),
+                                          dtype=torch.int32, device=self.device)
+        self.host_prefill = torch.empty(self.prefill_inputs.numel(), dtype=torch.int32, pin_memory=pin)
         self.last_tokens = torch.zeros(rows, dtype=torch.int32, device=self.device)  # the newest decode step's
         self.cuda_graphs_enabled = True  # LLM.eager() turns replays off for a while
         self.logits_log = None  # a list while LLM.record_logits() records: each step's logits to sample
@@ -207,6 +236,7 @@ class ModelRunner:
         """Every rank's last call: free the CUDA graphs and the KV cache before the group goes."""
         self.graphs = {}
         self.graph_outputs = {}
+        self.prefill_graphs, self.prefill_outputs = {}, {}
         self.decode_inputs = None
         self.kv_cache = None
         layers = self.model.kv_cache_layout()[0]
@@ -289,7 +319,11 @@ class ModelRunner:
         prompt_rows = [starts[i] + p - seq.num_computed_tokens
                        for i, (seq, span) in enumerate(zip(seqs, spans)) for p in span] if spans else []
         logit_rows = prompt_rows + [end - 1 for end in starts[1:]] if spans else None
-        logits = self.call("compute_logits", input_ids, positions, ctx, logit_rows)
+        tokens = self.padded_prefill_tokens(len(input_ids), len(seqs)) if not spans else None
+        if tokens:
+            logits = self.prefill_padded(self.pack_prefill(input_ids, positions, ctx, tokens), tokens)[:len(seqs)]
+        else:
+            logits = self.call("compute_logits", input_ids, positions, ctx, logit_rows)
         prompt_logprobs = self.score_prompts(seqs, spans, logits[:len(prompt_rows)]) if spans else None
         done = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in zip(seqs, num_new)]
         if not any(done):
@@ -347,6 +381,63 @@ class ModelRunner:
         entries = dict(zip(asks, token_logprobs(raw, [tokens[i] for i in asks],
                                                 [seqs[i].sampling_params.logprobs for i in asks])))
         return tokens, [entries.get(i) for i in range(len(seqs))]
+
+    def padded_prefill_tokens(self, num_tokens: int, num_seqs: int) -> int | None:
+        """The padded token count a prefill step of this size runs at (Config.prefill_graphs, one rank), or
+        None to run it as it is."""
+        if (not self.config.prefill_graphs or self.config.tensor_parallel_size > 1 or num_seqs > PREFILL_GRAPH_SEQS
+                or not self.cuda_graphs_enabled):
+            return None
+        return next((t for t in PREFILL_GRAPH_TOKENS if t >= num_tokens), None)
+
+    def pack_prefill(self, input_ids: list[int], positions: list[int], ctx: dict, tokens: int) -> torch.Tensor:
+        """``prepare``'s step padded to ``tokens`` token rows and PREFILL_GRAPH_SEQS sequences, in the pinned
+        staging buffer (``unpack_prefill`` reads it)."""
+        seqs, n, width = PREFILL_GRAPH_SEQS, len(ctx["seqlens_k"]), self.graph_width
+        packed = self.host_prefill[:prefill_size(tokens, seqs, width)]
+        f = {name: t.numpy() for name, t in unpack_prefill(packed, tokens, seqs, width).items()}
+        used = len(input_ids)
+        for name, values, pad in (("input_ids", input_ids, 0), ("positions", positions, 0),
+                                  ("slot_mapping", ctx["slot_mapping"], -1)):
+            f[name][:used], f[name][used:] = values, pad
+        cu = ctx["cu_seqlens_q"]
+        f["cu_seqlens_q"][:n + 1], f["cu_seqlens_q"][n + 1:] = cu, cu[-1]
+        f["seqlens_k"][:n], f["seqlens_k"][n:] = ctx["seqlens_k"], 1
+        f["last_rows"][:n], f["last_rows"][n:] = np.array(cu[1:]) - 1, 0
+        f["block_tables"][:] = 0
+        if n:
+            tables = np.array(ctx["block_tables"], np.int32)
+            f["block_tables"][:n, :tables.shape[1]] = tables
+        return packed
+
+    @torch.inference_mode()
+    @with_pdl_setting
+    def prefill_padded(self, packed: torch.Tensor, tokens: int):
+        """A padded prefill step (``pack_prefill``): its graph's replay where one is captured, else the same
+        computation run eagerly. The fp32 logits of each sequence's last new token, padding sequences'
+        rows included (PREFILL_GRAPH_SEQS rows)."""
+        inputs = self.prefill_inputs[:packed.numel()]
+        inputs.copy_(packed, non_blocking=True)
+        if tokens in self.prefill_graphs:
+            self.prefill_graphs[tokens].replay()
+            logits = self.prefill_outputs[tokens]
+        else:
+            logits = self.prefill_forward(inputs, tokens)
+        return logits
+
+    def prefill_forward(self, packed: torch.Tensor, tokens: int):
+        """What a prefill graph captures: the forward over the padded step and the fp32 logits of each
+        sequence's last token (padding sequences: token row 0's)."""
+        f = unpack_prefill(packed, tokens, PREFILL_GRAPH_SEQS, self.graph_width)
+        set_context(is_prefill=True, cu_seqlens_q=f["cu_seqlens_q"], seqlens_k=f["seqlens_k"], max_seqlen_q=tokens,
+                    max_seqlen_k=self.config.max_model_len, slot_mapping=f["slot_mapping"],
+                    block_tables=f["block_tables"])
+        try:
+            hidden, residual = self.model(f["input_ids"], f["positions"])
+        finally:
+            reset_context()
+        rows = f["last_rows"].long()
+        return self.model.compute_logits(hidden[rows], residual[rows]).float()
 
     def graph_size(self, batch: int) -> int | None:
         """The smallest captured decode graph that holds ``batch`` rows; None to run eagerly."""
@@ -465,13 +556,15 @@ class ModelRunner:
 
     # ---- CUDA graphs ----------------------------------------------------------------
     def set_cuda_graphs(self, enabled: bool):
-        """Every rank's call: decode steps replay the captured graphs (True) or run eagerly."""
+        """Every rank's call: decode (and padded prefill) steps replay the captured graphs (True) or run
+        eagerly as they are."""
         self.cuda_graphs_enabled = enabled
 
     @torch.inference_mode()
     @with_pdl_setting
     def capture_cudagraphs(self):
-        """One graph per decode batch size: a replay runs the whole step, forward and sampler, at once."""
+        """One graph per decode batch size: a replay runs the whole step, forward and sampler, at once. With
+        Config.prefill_graphs (one rank) also one per padded prefill size: forward and logits."""
         sizes = cuda_graph_batch_sizes(self.config.max_num_seqs)
         self.decode_inputs = torch.zeros(decode_size(sizes[-1], self.graph_width), dtype=torch.int32,
                                          device=self.device)
@@ -487,6 +580,19 @@ class ModelRunner:
             self.graphs[bs] = graph
             torch.cuda.synchronize()
         self.graphs = dict(sorted(self.graphs.items()))
+        if not self.config.prefill_graphs or self.config.tensor_parallel_size > 1:
+            return
+        empty = dict(cu_seqlens_q=[0], seqlens_k=[], slot_mapping=[], block_tables=[])
+        for tokens in reversed([t for t in PREFILL_GRAPH_TOKENS if t <= self.config.max_num_batched_tokens]):
+            padding = self.pack_prefill([], [], empty, tokens)
+            inputs = self.prefill_inputs[:padding.numel()]
+            inputs.copy_(padding)
+            self.prefill_forward(inputs, tokens)  # autotune first
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool):
+                self.prefill_outputs[tokens] = self.prefill_forward(inputs, tokens)
+            self.prefill_graphs[tokens] = graph
+            torch.cuda.synchronize()
 
 
 def run_worker(config: Config, rank: int, init_method: str, parent_pid: int, num_threads: int, started, beats):
