@@ -13,6 +13,8 @@ Writes ``<out>/kernels-<gpu slug>.json`` and prints a table. Implementations (bf
   fused_tma           kernels.rmsnorm_linear_tma: the persistent TMA GEMM carrying the norm (Hopper, M >= 2),
                       its sums of squares (and h = x + residual) in the main loop
   fused_tma_rows      the same GEMM after a row pass that writes h and r (sum_of_squares="row_pass")
+  full_tma_rows       for gate_up, fused_tma_rows with SiLU * up in the epilogue (against "full": the cuBLAS
+                      route, then the SiLU kernel)
   tma_linear_only     the same kernel with no column normed: a plain GEMM, the yardstick against
                       cublas_linear_only
   eager_unfused       HF-style add + RMSNorm in eager torch, then F.linear (cuBLAS)
@@ -162,6 +164,8 @@ def full_impls(op, M):
         def chain(s):
             return silu_mul(rmsnorm_linear(s.x, s.w_folded, EPS, s.residual)[0])
         return {"full": lambda s: rmsnorm_linear(s.x, s.w_folded, EPS, s.residual, silu_mul=True),
+                **({"full_tma_rows": lambda s: rmsnorm_linear_tma(s.x, s.w_folded, EPS, s.residual, 0, "row_pass",
+                                                                  silu_mul=True)} if times_tma(M) else {}),
                 **{f"full_{p}": (lambda s, p=p: rmsnorm_linear(s.x, s.w_folded, EPS, s.residual, silu_mul=True,
                                                                path=p)) for p in paths(M)},
                 "norm_linear_chain": chain}
@@ -265,7 +269,7 @@ def bench_op(op, M, rep):
         if fused_path or impl == "eager_unfused":
             err = rel_err(out[0], exact_fp64(sets[0], op.rms_cols_start if fused_path else 0))
         config = None
-        if impl in ("fused_tma", "fused_tma_rows", "tma_linear_only"):
+        if impl in ("fused_tma", "fused_tma_rows", "tma_linear_only", "full_tma_rows"):
             config = {"path": TMA_PATH, **config_dict(rl_tma._kernel.best_config, {})}
         elif fused_path is not None:
             config = {"path": fused_path}

@@ -14,6 +14,10 @@ per SM and walks the output tiles in grouped order (GROUP_M row blocks share eac
 in L2). The outputs go out with plain masked stores: TMA needs 16-byte row strides, which an odd N
 does not have.
 
+``silu_mul=True`` (SwiGLU's gate_up, W' = [gate; up]) returns ``silu(gate) * up``: a program multiplies
+each A tile by the gate tile and the up tile of its columns, two accumulators, and the product never
+leaves registers (the engine's cuBLAS route writes [gate, up] and reads it back in a SiLU kernel).
+
 ``rms_cols_start = N`` (no column takes r) skips the sum of squares: the kernel is then a plain
 GEMM, the yardstick for the fused one against cuBLAS (``kernels.bench``).
 
@@ -46,10 +50,12 @@ def _tile_of(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 @triton.jit
 def rmsnorm_linear_tma_kernel(
     x_desc, r_desc, w_desc, H, Y, RSTD, M, N, K, M_BUCKET, stride_hm, stride_ym, rms_cols_start, eps,
-    HAS_RESIDUAL: tl.constexpr, NORM: tl.constexpr, RSTD_GIVEN: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_SMS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, NORM: tl.constexpr, RSTD_GIVEN: tl.constexpr, SILU_MUL: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
 ):
+    # N is the output's width; with SILU_MUL W has 2N rows, the up rows of column n at N + n. A last gate tile
+    # that runs past N reads up rows: they only reach columns >= N, which are not stored.
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS):
@@ -58,6 +64,7 @@ def rmsnorm_linear_tma_kernel(
         off_n = pid_n * BLOCK_N
         rows = off_m + tl.arange(0, BLOCK_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
             a = x_desc.load([off_m, k])
@@ -69,6 +76,8 @@ def rmsnorm_linear_tma_kernel(
                     tl.store(H + rows.to(tl.int64)[:, None] * stride_hm + cols[None, :], a,
                              mask=(rows < M)[:, None] & (cols < K)[None, :])
             acc = tl.dot(a, w_desc.load([off_n, k]).T, acc, input_precision=PRECISION)
+            if SILU_MUL:
+                acc_up = tl.dot(a, w_desc.load([N + off_n, k]).T, acc_up, input_precision=PRECISION)
             if NORM and not RSTD_GIVEN:
                 a32 = a.to(tl.float32)
                 sumsq += tl.sum(a32 * a32, axis=1)
@@ -81,6 +90,12 @@ def rmsnorm_linear_tma_kernel(
             else:
                 rstd = tl.rsqrt(sumsq / K + eps)
             y = acc * tl.where(cols[None, :] >= rms_cols_start, rstd[:, None], 1.0)
+            if SILU_MUL:  # rms_cols_start is 0: every column takes r
+                up = acc_up * rstd[:, None]
+        elif SILU_MUL:
+            up = acc_up
+        if SILU_MUL:
+            y = y * tl.sigmoid(y) * up
         tl.store(Y + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :], y.to(Y.dtype.element_ty),
                  mask=(rows < M)[:, None] & (cols < N)[None, :])
 
@@ -110,7 +125,15 @@ else:
         (64, 128, 64, 8, 4, 4), (64, 256, 64, 8, 4, 4), (64, 64, 64, 8, 4, 4),
     ])
 
-_kernel = triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_RESIDUAL", "NORM", "RSTD_GIVEN"])(
+def _fits_registers(configs, named_args, **meta):
+    """With SILU_MUL a program holds two accumulators: the tiles above 128 x 128 would spill."""
+    if not meta.get("SILU_MUL"):
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128] or configs
+
+
+_KEY = ["M_BUCKET", "N", "K", "HAS_RESIDUAL", "NORM", "RSTD_GIVEN", "SILU_MUL"]
+_kernel = triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _fits_registers})(
     rmsnorm_linear_tma_kernel)
 
 
@@ -122,8 +145,11 @@ def _num_sms(device: torch.device) -> int:
 SUMS_OF_SQUARES = ("mainloop", "row_pass")
 
 
-def _check(x, w_folded, residual, rms_cols_start, sum_of_squares):
+def _check(x, w_folded, residual, rms_cols_start, sum_of_squares, silu_mul):
     op = "rmsnorm_linear_tma"
+    if silu_mul and (w_folded.dim() != 2 or w_folded.shape[0] % 2 or rms_cols_start):
+        raise ValueError(f"{op}: silu_mul needs w_folded [gate; up] with an even N (got {tuple(w_folded.shape)}) "
+                         f"and rms_cols_start=0 (got {rms_cols_start})")
     if sum_of_squares not in SUMS_OF_SQUARES:
         raise ValueError(f"{op}: sum_of_squares={sum_of_squares!r}; choose one of {SUMS_OF_SQUARES}")
     if x.dim() != 2 or w_folded.dim() != 2 or x.shape[1] != w_folded.shape[1] or x.shape[1] == 0:
@@ -144,17 +170,18 @@ def _check(x, w_folded, residual, rms_cols_start, sum_of_squares):
 
 
 def rmsnorm_linear_tma(x: torch.Tensor, w_folded: torch.Tensor, eps: float = 1e-6,
-                       residual: torch.Tensor | None = None, rms_cols_start: int = 0, sum_of_squares: str = "mainloop"):
-    """``kernels.rmsnorm_linear(x, w_folded, eps, residual, rms_cols_start)`` (no silu_mul) through the
-    Hopper TMA kernel: y [M, N], and with a residual ``(y, h)``. ``sum_of_squares``: "mainloop" or
+                       residual: torch.Tensor | None = None, rms_cols_start: int = 0, sum_of_squares: str = "mainloop",
+                       silu_mul: bool = False):
+    """``kernels.rmsnorm_linear(x, w_folded, eps, residual, rms_cols_start, silu_mul)`` through the Hopper TMA
+    kernel: y [M, N] ([M, N / 2] with silu_mul), and with a residual ``(y, h)``. ``sum_of_squares``: "mainloop" or
     "row_pass" (the module docstring). Reference: ``rmsnorm_linear_ref``. Needs CUDA with compute
     capability >= 9, or CPU tensors under Triton's interpreter."""
     from triton.tools.tensor_descriptor import TensorDescriptor
-    _check(x, w_folded, residual, rms_cols_start, sum_of_squares)
+    _check(x, w_folded, residual, rms_cols_start, sum_of_squares, silu_mul)
     if not use_triton(x):
-        return rmsnorm_linear_ref(x, w_folded, eps, residual, rms_cols_start)
+        return rmsnorm_linear_ref(x, w_folded, eps, residual, rms_cols_start, silu_mul)
     m, k = x.shape
-    n = w_folded.shape[0]
+    n = w_folded.shape[0] // 2 if silu_mul else w_folded.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     h = torch.empty_like(x) if residual is not None else None
     norm = rms_cols_start < n
@@ -172,7 +199,7 @@ def rmsnorm_linear_tma(x: torch.Tensor, w_folded: torch.Tensor, eps: float = 1e-
         _kernel[lambda meta: (min(sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)](
             desc(a), desc(r) if r is not None else None, desc(w_folded), h, y, rstd,
             m, n, k, _m_bucket(m), h.stride(0) if h is not None else 0, y.stride(0), rms_cols_start, eps,
-            HAS_RESIDUAL=r is not None, NORM=norm, RSTD_GIVEN=rstd is not None, PRECISION=precision(x.dtype),
-            NUM_SMS=sms,
+            HAS_RESIDUAL=r is not None, NORM=norm, RSTD_GIVEN=rstd is not None, SILU_MUL=silu_mul,
+            PRECISION=precision(x.dtype), NUM_SMS=sms,
         )
     return y if residual is None else (y, h)

@@ -54,6 +54,22 @@ def test_tma_kernel_is_no_worse_than_the_unfused_path(M, N, K, sum_of_squares, c
     assert_no_worse(y, baseline, exact)
 
 
+@runs_kernels
+@needs_tma
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("sum_of_squares", SUMS_OF_SQUARES)
+@pytest.mark.parametrize("M,N,K", [(3, 40, 40), (80, 96, 72), (17, 38, 24)])  # N / 2 = 19: a gate tile past N
+def test_tma_kernel_with_silu_mul_is_no_worse_than_the_unfused_path(M, N, K, sum_of_squares, dtype):
+    torch.manual_seed(M * 1000 + N)
+    x, residual, gamma, w = inputs(M, N, K, dtype)
+    w_folded = fold_rmsnorm_weight(gamma, w)
+    y, h = poisoned(rmsnorm_linear_tma, x, w_folded, EPS, residual, 0, sum_of_squares, True)
+    assert y.shape == (M, N // 2) and torch.equal(h, x + residual)
+    baseline = rmsnorm_linear_ref(h, w_folded, EPS, silu_mul=True)
+    exact = rmsnorm_linear_ref(h.double(), w_folded.double(), EPS, silu_mul=True)
+    assert_no_worse(y, baseline, exact)
+
+
 @needs_tma
 def test_tma_kernel_rejects_what_tma_cannot_read():
     x, w = randn(9, 40, dtype=torch.float16), randn(8, 40, dtype=torch.float16)
@@ -69,6 +85,10 @@ def test_tma_kernel_rejects_what_tma_cannot_read():
         rmsnorm_linear_tma(x, w, rms_cols_start=9)
     with pytest.raises(ValueError, match="sum_of_squares"):
         rmsnorm_linear_tma(x, w, sum_of_squares="epilogue")
+    with pytest.raises(ValueError, match="silu_mul"):
+        rmsnorm_linear_tma(x, randn(9, 40, dtype=torch.float16), silu_mul=True)
+    with pytest.raises(ValueError, match="silu_mul"):
+        rmsnorm_linear_tma(x, w, rms_cols_start=2, silu_mul=True)
 
 
 PREFILL_OPS = [(op, m) for model in MODELS for op in ops(model) if op.op != "lm_head" for m in (128, 2048)]
@@ -91,3 +111,20 @@ def test_tma_kernel_at_prefill_shapes_in_bf16(op, M, sum_of_squares):
     exact = torch.nn.functional.linear(rmsnorm_ref(h.double(), gamma.double(), EPS), w.double())
     exact[:, :op.rms_cols_start] = h.double() @ (w.double() * gamma.double())[:op.rms_cols_start].T
     assert_no_worse(y[rows], unfused, exact, slack=1e-4)
+
+
+GATE_UP_OPS = [(op, m) for op, m in PREFILL_OPS if op.op == "gate_up"]
+
+
+@pytest.mark.gpu
+@needs_tma
+@pytest.mark.parametrize("op,M", GATE_UP_OPS, ids=[f"{o.model}-M{m}" for o, m in GATE_UP_OPS])
+def test_tma_kernel_with_silu_mul_at_gate_up_shapes_in_bf16(op, M):
+    torch.manual_seed(M)
+    x, residual, gamma, w = inputs(M, op.N, op.K, torch.bfloat16, device="cuda")
+    w_folded = fold_rmsnorm_weight(gamma, w)
+    y, h = poisoned(rmsnorm_linear_tma, x, w_folded, EPS, residual, 0, "row_pass", True)
+    rows = slice(0, 64)
+    baseline = rmsnorm_linear_ref(h[rows], w_folded, EPS, silu_mul=True)
+    exact = rmsnorm_linear_ref(h[rows].double(), w_folded.double(), EPS, silu_mul=True)
+    assert_no_worse(y[rows], baseline, exact, slack=1e-4)
