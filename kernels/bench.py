@@ -60,7 +60,7 @@ import triton
 from triton.runtime.errors import OutOfResources
 from triton.testing import do_bench, do_bench_cudagraph
 
-from kernels.guard import PDL_ALLOWED, autotuned_configs, pdl
+from kernels.guard import PDL_ALLOWED, PDL_TRIGGER, autotuned_configs, pdl
 from kernels.paged_attention import store_kvcache
 from kernels.rmsnorm import rmsnorm, rmsnorm_ref
 from kernels.rmsnorm_qkv import QKV_PATHS, kernel_for as qkv_kernel_for, rmsnorm_qkv_rope_store
@@ -481,8 +481,8 @@ def bench_pdl(rep, layers=PDL_LAYERS):
               f"({length} kernels), same output: {chains[on]['same_output_as_without_pdl']}, "
               f"{chains[on]['relative_error_to_fp64']:.3f} from float64", flush=True)
     saved = (chains[False]["us_total"] - chains[True]["us_total"]) / length
-    print(f"  PDL saves {saved:.2f} us per kernel in the layer chain", flush=True)
-    return rows
+    print(f"  PDL (trigger: {PDL_TRIGGER}) saves {saved:.2f} us per kernel in the layer chain", flush=True)
+    return [{**r, "pdl_trigger": PDL_TRIGGER if r["pdl"] else None} for r in rows]
 
 
 def sweep(rep, models):

@@ -12,6 +12,10 @@ weights are never written). Each kernel's launch and prologue then run under its
 ``pdl_launch`` gives a wrapper the launch arguments; ``pdl(False)`` turns it off for a block of code
 (the engine's ``Config.pdl``).
 
+``KERNELS_PDL_TRIGGER=after_loop`` moves the GEMVs' ``gdc_launch_dependents`` from entry to after their
+K loop (``USE_PDL`` 2 instead of 1; the other kernels, short, trigger on entry either way): launched on
+entry, a GEMV's successor occupies SM slots, waiting, for the whole of its predecessor's last wave.
+
 PDL is off unless ``KERNELS_PDL=1`` is in the environment, because it did not pay on the H200: the
 engine's batch-1 decode step was 2.7 % faster with it at Qwen3-0.6B's shape and 2.3 % slower at
 Llama-3.2-1B's (kernels/NOTES.md, run 7). It computes what the plain kernels compute: under the
@@ -51,6 +55,10 @@ INTERPRET = HAVE_TRITON and os.environ.get("TRITON_INTERPRET", "0").lower() in (
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 PDL_ALLOWED = os.environ.get("KERNELS_PDL", "0") == "1"  # opt-in: measured no faster (see above)
+PDL_TRIGGERS = {"entry": 1, "after_loop": 2}  # the USE_PDL value of each trigger point
+PDL_TRIGGER = os.environ.get("KERNELS_PDL_TRIGGER", "entry")
+if PDL_TRIGGER not in PDL_TRIGGERS:
+    raise ValueError(f"KERNELS_PDL_TRIGGER={PDL_TRIGGER!r}; choose one of {sorted(PDL_TRIGGERS)}")
 # A context variable, not a global: an engine's setting holds in its own thread only.
 _pdl_on = contextvars.ContextVar("kernels_pdl", default=True)
 
@@ -94,7 +102,7 @@ def pdl_launch(t: torch.Tensor, wanted: bool = True) -> dict:
     """The launch arguments of a kernel with a ``USE_PDL`` constexpr, on ``t``'s device: ``launch_pdl``
     goes to the launcher only with PDL on. ``wanted``: the call's path takes PDL at all."""
     if wanted and pdl_enabled(t):
-        return {"USE_PDL": True, "launch_pdl": True}
+        return {"USE_PDL": PDL_TRIGGERS[PDL_TRIGGER], "launch_pdl": True}
     return {"USE_PDL": False}
 
 

@@ -150,7 +150,8 @@ def _norm_matmul(
     [BLOCK_N, BLOCK_K] (K fastest), multiplied by the h rows in fp32 and summed over K.
     USE_PDL (``kernels.guard``): the first K step is peeled off the loop so that its W tile(s), which
     no kernel writes, are loaded before ``gdc_wait``: their DRAM round trip runs under the previous
-    kernel's tail. x, the residual and h (which earlier kernels write or read) wait.
+    kernel's tail. x, the residual and h (which earlier kernels write or read) wait. The next kernel may
+    launch from entry (USE_PDL 1) or once the K loop is done (2).
     """
     mask_m = offs_m < M
     mask_h = offs_m < h_rows
@@ -161,7 +162,8 @@ def _norm_matmul(
     sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     k_loop = k_start
     if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
+        if USE_PDL == 1:
+            tl.extra.cuda.gdc_launch_dependents()
         cols = k_start + offs_k
         b = _w_tile(W, w_rows, mask_n, cols, K, GEMV)
         b_2 = b
@@ -179,6 +181,8 @@ def _norm_matmul(
         acc = _accumulate(acc, a, _w_tile(W, w_rows, mask_n, cols, K, GEMV), PRECISION, GEMV, BLOCK_M)
         if PAIRED:
             acc_2 = _accumulate(acc_2, a, _w_tile(W, w_rows_2, mask_n, cols, K, GEMV), PRECISION, GEMV, BLOCK_M)
+    if USE_PDL == 2:
+        tl.extra.cuda.gdc_launch_dependents()
     return acc, acc_2, sumsq
 
 

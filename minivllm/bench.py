@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from kernels.guard import PDL_ALLOWED, autotuned_configs
+from kernels.guard import PDL_ALLOWED, PDL_TRIGGER, autotuned_configs
 from minivllm import LLM, SamplingParams, workloads
 from minivllm.config import FUSION_MODES
 from minivllm.costs import decode_floor_ms, measure_ceilings, throughput_floor_s
@@ -64,6 +64,7 @@ def stats(samples_ms: list[float]) -> dict:
 
 def base_row(llm: LLM, args, workload: str) -> dict:
     return dict(workload=workload, engine="minivllm", fusion=llm.config.fusion, pdl=llm.config.pdl,
+                pdl_trigger=PDL_TRIGGER if llm.config.pdl and PDL_ALLOWED else None,
                 async_scheduling=llm.config.async_scheduling, prefill_graphs=llm.config.prefill_graphs,
                 tensor_parallel_size=llm.config.tensor_parallel_size, model_name=args.model_name)
 

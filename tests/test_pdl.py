@@ -134,6 +134,16 @@ def sass_before_wait(cubin: bytes, tmp_path) -> str | None:
 @compiles_here
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(GEMVS))
+def test_ptx_gemv_with_the_after_loop_trigger_lets_the_next_kernel_launch_after_its_wait(name):
+    kernel, constexprs, pointers, num_warps, _ = GEMVS[name]
+    ptx, _ = compile_for_sm90(kernel, {**constexprs, "USE_PDL": guard.PDL_TRIGGERS["after_loop"]}, pointers, num_warps)
+    assert ptx.count("griddepcontrol.launch_dependents") == 1
+    assert ptx.find("griddepcontrol.wait") < ptx.find("griddepcontrol.launch_dependents")
+
+
+@compiles_here
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(GEMVS))
 def test_ptx_gemv_loads_its_first_w_tiles_before_waiting(name, tmp_path):
     kernel, constexprs, pointers, num_warps, tiles = GEMVS[name]
     plain, _ = compile_for_sm90(kernel, {**constexprs, "USE_PDL": False}, pointers, num_warps)

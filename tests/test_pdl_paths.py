@@ -99,8 +99,10 @@ def flat(out):
 
 
 @runs_kernels
+@pytest.mark.parametrize("trigger", sorted(guard.PDL_TRIGGERS))
 @pytest.mark.parametrize("case", list(CASES))
-def test_pdl_path_gives_the_same_bits(case, pdl_waits):
+def test_pdl_path_gives_the_same_bits(case, trigger, pdl_waits, monkeypatch):
+    monkeypatch.setattr(guard, "PDL_TRIGGER", trigger)
     torch.manual_seed(0)
     op = CASES[case]()
     with guard.pdl(False):
