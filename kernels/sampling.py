@@ -39,6 +39,13 @@ def _scaled_logit_and_bits(ROW, cols, end, key, t):
 
 
 @triton.jit
+def _gumbel64(bits):
+    """The reference's Gumbel noise of the 32 bits: -log(-log(u)), u = (bits + 0.5) / 2^32, in float64."""
+    u = (bits.to(tl.float64) + 0.5) / 4294967296.0
+    return -tl.log(-tl.log(u))
+
+
+@triton.jit
 def _gumbel32(bits):
     """-log(-log(u)), u = (bits + 0.5) / 2^32, in float32 (``_score32_error`` bounds its distance from the
     float64 value). Where u is near 1, float32 holds too few of its digits for log(u): e = -log(u) comes
@@ -110,8 +117,7 @@ def _gumbel_argmax_kernel(LOGITS, TEMPERATURES, KEYS, OUT, PART_SCORE, PART_TOKE
             s32 = _score32(z, bits, cols < end)
             reach = tl.where(s32 == -float("inf"), s32, s32 + _score32_error(s32))
             if tl.max(reach, axis=0) >= floor:
-                u = (bits.to(tl.float64) + 0.5) / 4294967296.0
-                score = tl.where(cols < end, z.to(tl.float64) - tl.log(-tl.log(u)), -float("inf"))
+                score = tl.where(cols < end, z.to(tl.float64) + _gumbel64(bits), -float("inf"))
                 better = score > best
                 best = tl.where(better, score, best)
                 best_token = tl.where(better, cols.to(tl.int64), best_token)
@@ -279,9 +285,7 @@ def _load_scaled(ROW, CZ, CI, from_row, start, n, t, BLOCK: tl.constexpr):
 @triton.jit
 def _gumbel_score(z, token, key):
     # gumbel_argmax's score: the same noise of (row key, token id), the same float64 sum.
-    bits = _hash32(key ^ _hash32(token))
-    u = (bits.to(tl.float64) + 0.5) / 4294967296.0
-    return z.to(tl.float64) - tl.log(-tl.log(u))
+    return z.to(tl.float64) + _gumbel64(_hash32(key ^ _hash32(token)))
 
 
 @triton.jit
