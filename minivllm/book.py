@@ -11,6 +11,7 @@ Heavy code lives in the packages; notebooks call it and plot.
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import os
 from dataclasses import dataclass, field
@@ -124,6 +125,38 @@ def machine_label(hardware: dict) -> str:
         if hardware.get(key):
             parts.append(f"{key} {hardware[key]}")
     return " · ".join(parts)
+
+
+_HOVER_CALLS = itertools.count()
+
+
+def hover_svg(fig, tips: dict) -> str:
+    """``fig`` as inline SVG in which hovering over an artist of ``tips`` ({artist: text}) shows its text:
+    each artist's group gets an SVG ``<title>``, which browsers show as a tooltip. No JavaScript, so the book
+    builds offline and a page gains only the figure's SVG."""
+    import io
+    import re
+    from xml.sax.saxutils import escape
+    call = next(_HOVER_CALLS)  # ids unique across calls: an artist keeps the gid an earlier call gave it
+    for i, artist in enumerate(tips):
+        artist.set_gid(f"hover-{call}-{i}")
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight")
+    svg = buf.getvalue()
+    for i, text in enumerate(tips.values()):
+        svg, found = re.subn(f'(<g id="hover-{call}-{i}"[^>]*>)',
+                             lambda m, t=text: m.group(1) + f"<title>{escape(t)}</title>", svg, count=1)
+        if not found:
+            raise ValueError(f"hover_svg: artist {i} ({text!r}) is not in the SVG")
+    return svg[svg.index("<svg"):]
+
+
+def show_with_hover(fig, tips: dict) -> None:
+    """Displays ``hover_svg(fig, tips)`` as HTML (the book renders it inline) and closes ``fig``."""
+    import matplotlib.pyplot as plt
+    from IPython.display import HTML, display
+    display(HTML(hover_svg(fig, tips)))
+    plt.close(fig)
 
 
 def missing(name: str, command: str) -> None:

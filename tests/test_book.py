@@ -117,3 +117,24 @@ def test_trace_steps_records_every_step_and_restores_the_overlap():
         llm.generate(random_prompts([9], seed=1), SamplingParams(max_tokens=6, ignore_eos=True), use_tqdm=False)
     assert list(tr.frame().kind) == ["prefill"] + ["decode"] * 5
     assert llm.overlap
+
+
+def test_hover_svg_gives_each_artist_its_tooltip():
+    # The book's hover figures: inline SVG whose artists carry <title> tooltips (escaped), no JavaScript.
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from minivllm.book import hover_svg
+    fig, ax = plt.subplots()
+    points = [ax.plot([i], [i], "o")[0] for i in range(12)]  # hover-1 and hover-10 must not be confused
+    svg = hover_svg(fig, {p: f"point {i} <{i}> & more" for i, p in enumerate(points)})
+    assert svg.startswith("<svg") and "<script" not in svg
+    titles = re.findall(r'<g id="hover-\d+-(\d+)"[^>]*>\s*<title>([^<]*)</title>', svg)
+    assert [(int(i), t) for i, t in titles] == [(i, f"point {i} &lt;{i}&gt; &amp; more") for i in range(12)]
+    other = plt.figure()
+    stray = other.add_subplot().plot([0], [0])[0]  # an artist of another figure
+    with pytest.raises(ValueError, match="not in the SVG"):
+        hover_svg(fig, {stray: "x"})
+    plt.close(fig)
+    plt.close(other)
