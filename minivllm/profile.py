@@ -10,6 +10,12 @@ min, max) of 3x as many steps as are profiled, after a few untimed ones. Each ke
 attributed to the innermost engine op (module or kernels call) that launched it; the profiled steps
 run without programmatic dependent launch, so that kernel durations do not overlap. On CPU the
 "kernels" are emulated: one per kernels-package call and one per other top-level aten op.
+
+Where CUDA graphs are captured, the steps are also profiled as they run, graphs replayed (with the
+engine's PDL setting): the step row's ``replay_*`` fields give the kernels' summed duration, the span from
+the first kernel's start to the last one's end (the GPU time of a step; span minus busy is the GPU idle
+between kernels) and the last replay's timeline, its kernels named but not attributed to ops (a replay
+runs no Python). They are None when the profiler records no kernel inside the replays.
 """
 import argparse
 import collections
@@ -157,6 +163,28 @@ def start_decoding(llm: LLM, batch: int, context: int, max_tokens: int):
         llm.step()
 
 
+def replayed_steps(llm: LLM, steps: int, sync) -> dict:
+    """The ``replay_*`` fields of the step row (module docstring), from ``steps`` decode steps run as the
+    engine runs them."""
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            with record_function("mv::step"):
+                llm.step()
+                sync()
+    runs = [s for s in step_kernels(prof, True) if s]
+    if not runs:
+        return dict(replay_kernels_per_step=None, replay_busy_us_per_step=None, replay_span_us_per_step=None,
+                    replay_timeline=None)
+    busy = [sum(t1 - t0 for *_, t0, t1 in s) for s in runs]
+    spans = [max(k[4] for k in s) - s[0][3] for s in runs]
+    t_first = runs[-1][0][3]
+    return dict(replay_kernels_per_step=sum(map(len, runs)) / len(runs),
+                replay_busy_us_per_step=statistics.median(busy), replay_span_us_per_step=statistics.median(spans),
+                replay_span_us=spans,
+                replay_timeline=[dict(name=k[0], category=k[1], start_us=k[3] - t_first, end_us=k[4] - t_first)
+                                 for k in runs[-1]])
+
+
 def profile_mode(args, fusion: str) -> list[dict]:
     on_gpu = torch.cuda.is_available() and args.device != "cpu"
     llm = LLM(args.model, fusion=fusion, device="cuda" if on_gpu else "cpu", max_num_seqs=args.batch + 1,
@@ -171,6 +199,7 @@ def profile_mode(args, fusion: str) -> list[dict]:
         walls[-1] += time.perf_counter()
     walls = walls[WALL_WARMUP:]  # the first replays after capture and prefill are not the steady state
     graphs = llm.cuda_graphs
+    replay = replayed_steps(llm, args.steps, sync) if graphs else {}
     # Eager steps for the breakdown, without PDL: a kernel launched early would count its wait for the
     # previous one in its own duration (the wall time above ran with the engine's setting, "pdl").
     with llm.eager(), pdl(False):
@@ -211,7 +240,7 @@ def profile_mode(args, fusion: str) -> list[dict]:
                                                          "num_key_value_heads", "head_dim", "vocab_size")},
                      itemsize=llm.config.torch_dtype.itemsize,
                      timeline=[dict(name=k[0], category=k[1], op=k[2], start_us=k[3] - t_first, end_us=k[4] - t_first)
-                               for k in last]))
+                               for k in last], **replay))
     llm.shutdown()  # frees the KV cache and graphs before the next mode's engine sizes its own
     return rows
 
@@ -226,6 +255,7 @@ def main(argv=None):
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--enforce-eager", action="store_true", help="time the wall clock without CUDA graphs too")
     parser.add_argument("--out", default="data/results")
+    parser.add_argument("--tag", default="", help="suffix of the result file's benchmark name, e.g. -run8")
     args = parser.parse_args(argv)
     rows, skipped = [], {}
     for fusion in args.fusion.split(","):
@@ -243,9 +273,11 @@ def main(argv=None):
         if r["kind"] == "step":
             print(f"{r['fusion']:<12} {r['kernels_per_step']:6.0f} kernels/step  "
                   f"{r['gpu_us_per_step']:9.1f} us kernels  "
-                  f"{r['wall_us_per_step']:9.1f} us wall ({'graphs' if r['cuda_graphs'] else 'eager'})")
+                  f"{r['wall_us_per_step']:9.1f} us wall ({'graphs' if r['cuda_graphs'] else 'eager'})"
+                  + (f"  replayed: {r['replay_busy_us_per_step']:.1f} us busy in a "
+                     f"{r['replay_span_us_per_step']:.1f} us span" if r.get("replay_span_us_per_step") else ""))
     on_gpu = torch.cuda.is_available() and args.device != "cpu"
-    return write_result("decode_profile", rows, args.out, "python -m minivllm.profile", argv,
+    return write_result("decode_profile" + args.tag, rows, args.out, "python -m minivllm.profile", argv,
                         device="cuda" if on_gpu else "cpu", ceilings=measure_ceilings() if on_gpu else None,
                         profiled_eager=True, skipped_fusion_modes=skipped)
 
