@@ -30,6 +30,8 @@ Writes ``<out>/kernels-<gpu slug>.json`` and prints a table. Implementations (bf
   sampler             (--sampler) sampling of [M, vocab] fp32 logits, temperature alone, top-k 50,
                       top-p 0.9 and both: kernels.sample against the full-vocabulary sort it replaced
                       (torch_sort) and gumbel_argmax (one pass); the floor is one read of the logits
+  decode_attention    (--attention) paged_attention at decode, batch 1-256, contexts 512-8192 keys, against
+                      one read of the KV cache
   pdl_chain           (--pdl) programmatic dependent launch (kernels.guard) on and off: chains of
                       PDL_LAYERS * 4 M=1 GEMVs of one Qwen3-0.6B shape each (own weights, so HBM
                       reads; configs pinned: PDL_GEMV_CONFIGS), one CUDA graph per chain;
@@ -358,6 +360,55 @@ def bench_sampler(rep):
     return rows
 
 
+ATTENTION_BATCHES = (1, 8, 64, 256)
+ATTENTION_CONTEXTS = (512, 2048, 8192)
+ATTENTION_BLOCK = 256  # the engine's KV block on a GPU
+
+
+def bench_attention(rep, batches=ATTENTION_BATCHES, contexts=ATTENTION_CONTEXTS):
+    """Decode attention (``paged_attention``, one new token per sequence, as the engine's decode step calls
+    it) at Qwen3-0.6B's heads over paged bf16 caches of ``contexts`` keys per sequence, blocks scattered
+    in the pool. The floor is one read of every sequence's K and V (and q, out) at the measured copy
+    bandwidth; rows record the key splits the dispatch chose and the error against the torch reference."""
+    from kernels.paged_attention import MAX_BLOCK_N, _default_num_splits, paged_attention, paged_attention_ref
+    model = MODELS[0]
+    hq, hkv, d = model.num_q_heads, model.num_kv_heads, model.head_dim
+    rows = []
+    for batch, context in itertools.product(batches, contexts):
+        blocks = context // ATTENTION_BLOCK
+        kv_bytes = 2 * batch * context * hkv * d * DTYPE.itemsize
+        n_sets = max(1, min(8, math.ceil(3 * torch.cuda.get_device_properties().L2_cache_size / kv_bytes)))
+
+        def inputs():
+            cache = torch.randn(2, batch * blocks, ATTENTION_BLOCK, hkv, d, device="cuda", dtype=DTYPE)
+            tables = torch.randperm(batch * blocks, device="cuda", dtype=torch.int32).view(batch, blocks)
+            return (torch.randn(batch, hq, d, device="cuda", dtype=DTYPE), cache[0], cache[1],
+                    torch.arange(batch + 1, device="cuda", dtype=torch.int32),
+                    torch.full((batch,), context, device="cuda", dtype=torch.int32), tables)
+
+        sets = [inputs() for _ in range(n_sets)]
+
+        def call(s):
+            return paged_attention(*s, d**-0.5, max_seqlen_q=1, max_seqlen_k=context, decode=True)
+
+        err = None
+        if batch * context <= 64 * 2048:  # the reference loops over sequences in torch
+            exact = paged_attention_ref(*(t.double() if t.is_floating_point() else t for t in sets[0]), d**-0.5)
+            err = rel_err(call(sets[0]), exact)
+        us = time_us(call, sets, rep)
+        floor = (kv_bytes + 2 * batch * hq * d * DTYPE.itemsize) / CEILINGS["copy_bytes_per_s"] * 1e6
+        splits = _default_num_splits(batch * hkv, triton.cdiv(context, min(MAX_BLOCK_N, ATTENTION_BLOCK)),
+                                     torch.device("cuda"))
+        rows.append({"op": "decode_attention", "model": model.name, "M": batch, "N": context, "K": d, "dtype": "bf16",
+                     "impl": "fused", "us_median": us, "floor_us": floor, "rel_err_vs_fp64": err,
+                     "config": {"num_splits": splits, "block_size": ATTENTION_BLOCK}})
+        print(f"  decode attention batch {batch:<4} context {context:<5} {us:9.2f} us (floor {floor:.2f}, "
+              f"{us / floor:5.2f}x, {splits} splits)", flush=True)
+        del sets
+        torch.cuda.empty_cache()
+    return rows
+
+
 PDL_LAYERS = 14  # x 4 GEMVs: 56-kernel chains, half the 113 weight-streaming kernels of a 0.6B decode step
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMV per shape: the H100 autotuner's choices at M = 1
 # (kernels-decode-nvidia-h100-80gb-hbm3.json). Fixed, so that the chains autotune nothing (seconds of
@@ -540,6 +591,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help=f"M in {QUICK_MS} only, shorter timing")
     parser.add_argument("--sweep", action="store_true", help="add the BLOCK_N x BLOCK_K sweep at M=1")
     parser.add_argument("--sampler", action="store_true", help=f"add the sampler (batch {SAMPLER_MS})")
+    parser.add_argument("--attention", action="store_true",
+                        help=f"add decode attention (batch {ATTENTION_BATCHES}, context {ATTENTION_CONTEXTS})")
     parser.add_argument("--pdl", action="store_true", help=f"add GEMV chains ({4 * PDL_LAYERS} kernels in a CUDA "
                                                              "graph) with programmatic dependent launch on and off")
     parser.add_argument("--out", default="data/results", help="output folder")
@@ -590,6 +643,9 @@ def main(argv=None):
             save()
         if args.sampler:
             rows += bench_sampler(rep)
+            save()
+        if args.attention:
+            rows += bench_attention(rep)
             save()
     if args.pdl:
         if not PDL_ALLOWED:
