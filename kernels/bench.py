@@ -377,7 +377,8 @@ def bench_attention(rep, batches=ATTENTION_BATCHES, contexts=ATTENTION_CONTEXTS)
     for batch, context in itertools.product(batches, contexts):
         blocks = context // ATTENTION_BLOCK
         kv_bytes = 2 * batch * context * hkv * d * DTYPE.itemsize
-        n_sets = max(1, min(8, math.ceil(3 * torch.cuda.get_device_properties().L2_cache_size / kv_bytes)))
+        # As make_inputs: caches rotated until they overflow the L2 three times, so that each call reads HBM.
+        n_sets = max(1, min(64, math.ceil(3 * torch.cuda.get_device_properties().L2_cache_size / kv_bytes)))
 
         def inputs():
             cache = torch.randn(2, batch * blocks, ATTENTION_BLOCK, hkv, d, device="cuda", dtype=DTYPE)
