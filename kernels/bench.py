@@ -72,8 +72,9 @@ from kernels.rmsnorm_linear_tma import rmsnorm_linear_tma
 from kernels.rmsnorm_linear import (fold_rmsnorm_weight, kernel_for, launch, linear, rmsnorm_linear,
                                     rmsnorm_linear_kernel)
 from kernels.shapes import ALL_MODELS, MODELS, MS, QUICK_MS, floor_us, linear_ops, ms_for, ops
+from kernels import dispatch
 from minivllm.costs import measure_ceilings
-from minivllm.results import write_result
+from minivllm.results import git_commit, gpu_slug, write_result
 
 rl = importlib.import_module("kernels.rmsnorm_linear")  # the module (kernels exports a function of that name)
 rl_tma = importlib.import_module("kernels.rmsnorm_linear_tma")
@@ -639,6 +640,9 @@ def main(argv=None):
                           f"(floor {fused['floor_us']:.2f}), err {fused['rel_err_vs_fp64']:.2e}", flush=True)
                     torch.cuda.empty_cache()
             save()
+        if any(r["impl"] in ("fused_tma_rows", "full_tma_rows") for r in rows):
+            table = dispatch.write_table(rows, torch.cuda.get_device_name(), gpu_slug(), git_commit())
+            print(f"wrote {table}: the TMA kernel's measured wins, which rmsnorm_linear's dispatch follows", flush=True)
         if args.sweep:
             rows += sweep(rep, models)
             save()

@@ -32,12 +32,15 @@ Paths by M (``path_for``; NOTES.md "GPU measurements" has the H100 numbers behin
     cuBLAS beat both tl.dot launch shapes on the H100.
   * "dot" (one row block, M <= 64) and "tiled" (grouped GEMM tiles): the tl.dot kernels, used
     when the constants are moved (bench) or forced with ``path=``.
+  * At M >= CUBLAS_MIN_M a dispatched call takes the Hopper TMA kernel (``kernels.rmsnorm_linear_tma``)
+    instead of the cuBLAS route where ``kernels.dispatch`` holds a measurement of it winning on this GPU.
 Each Triton path has its own autotuner keyed on (M bucket, N, K, residual, silu_mul), so warm
 up before CUDA-graph capture.
 """
 import torch
 
 from kernels.guard import INTERPRET, check_tensors, graph_bench, pdl_launch, tl, triton, use_triton
+from kernels.dispatch import takes_tma
 from kernels.rmsnorm import launch_rows
 from kernels.silu_mul import silu_mul as silu_mul_kernel
 
@@ -413,8 +416,14 @@ def rmsnorm_linear(
     _check_args(x, w_folded, residual, rms_cols_start, silu_mul)
     if not use_triton(x):
         return rmsnorm_linear_ref(x, w_folded, eps, residual, rms_cols_start, silu_mul)
+    dispatched = path is None
     path = path_for(x.shape[0], path)
     if path == "cublas":
+        if dispatched and takes_tma(x.shape[0], *w_folded.shape, silu_mul, x.device):
+            from kernels.rmsnorm_linear_tma import rmsnorm_linear_tma, tma_readable  # it imports this module
+            tensors = [x, w_folded] + ([residual] if residual is not None else [])
+            if all(map(tma_readable, tensors)):
+                return rmsnorm_linear_tma(x, w_folded, eps, residual, rms_cols_start, "row_pass", silu_mul)
         return cublas_route(x, w_folded, eps, residual, rms_cols_start, silu_mul)
     kernel, meta = kernel_for(x.shape[0], path)
     return launch(kernel, x, w_folded, eps, residual, rms_cols_start, silu_mul, **meta)

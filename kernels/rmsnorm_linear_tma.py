@@ -145,6 +145,11 @@ def _num_sms(device: torch.device) -> int:
 SUMS_OF_SQUARES = ("mainloop", "row_pass")
 
 
+def tma_readable(t: torch.Tensor) -> bool:
+    """Whether a TMA descriptor can read the 2-D ``t``: a 16-byte aligned start and row stride."""
+    return (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+
+
 def _check(x, w_folded, residual, rms_cols_start, sum_of_squares, silu_mul):
     op = "rmsnorm_linear_tma"
     if silu_mul and (w_folded.dim() != 2 or w_folded.shape[0] % 2 or rms_cols_start):
@@ -159,7 +164,7 @@ def _check(x, w_folded, residual, rms_cols_start, sum_of_squares, silu_mul):
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"{op}: residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
     for name, t in tensors.items():
-        if (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+        if not tma_readable(t):
             raise ValueError(f"{op}: {name} needs a 16-byte aligned start and row stride for TMA "
                              f"(row stride {t.stride(0)} elements of {t.element_size()} bytes)")
     if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9:
