@@ -81,6 +81,13 @@ def _has_pdl(device: torch.device) -> bool:
     return torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
 
 
+@functools.cache
+def sm_count(device: torch.device, interpreted: int) -> int:
+    """The SMs of a CUDA ``device``; on CPU (Triton's interpreter) ``interpreted`` stands in, which each
+    kernel picks so that its tests on tiny shapes still take its multi-program paths."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else interpreted
+
+
 def pdl_enabled(t: torch.Tensor) -> bool:
     """Whether kernels on ``t`` launch with PDL: CUDA with compute capability >= 9, compiled Triton (the
     interpreter has no grid dependencies), and not switched off (``pdl``, ``KERNELS_PDL``)."""

@@ -16,11 +16,10 @@ takes a few new tokens of one sequence times all query heads of one kv head (GQA
 for the group), walks the block table tile by tile with an online softmax in fp32, and may own only a share of
 the key tiles (flash-decoding splits, merged by a small second kernel) so that short batches fill the GPU.
 """
-import functools
 
 import torch
 
-from kernels.guard import check_tensors, pdl_entry, pdl_launch, tl, triton, use_triton
+from kernels.guard import check_tensors, pdl_entry, pdl_launch, sm_count, tl, triton, use_triton
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -241,20 +240,15 @@ def _combine_splits_kernel(
     tl.store(OUT + t * stride_ot + h * stride_oh + d, out.to(OUT.dtype.element_ty))
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
-def num_splits_for(programs: int, max_tiles: int, sm_count: int) -> int:
+def num_splits_for(programs: int, max_tiles: int, sms: int) -> int:
     """Key splits per (sequence block, kv head) program: only while the grid is short of two programs per SM,
     and every split a few tiles long."""
-    want = -(-2 * sm_count // programs)
+    want = -(-2 * sms // programs)
     return max(1, min(want, max_tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS))
 
 
 def _default_num_splits(programs: int, max_tiles: int, device: torch.device) -> int:
-    return num_splits_for(programs, max_tiles, _sm_count(device))
+    return num_splits_for(programs, max_tiles, sm_count(device, 1))
 
 
 def paged_attention(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_tables, scale,

@@ -33,18 +33,9 @@ GPU: compute capability 9 and up (TMA). The interpreter runs it on CPU for the t
 """
 import torch
 
-from kernels.guard import INTERPRET, check_tensors, tl, triton, use_triton
+from kernels.guard import INTERPRET, check_tensors, sm_count, tl, triton, use_triton
 from kernels.rmsnorm import launch_rows
-from kernels.rmsnorm_linear import _m_bucket, precision, rmsnorm_linear_ref
-
-
-@triton.jit
-def _tile_of(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    """(row block, column block) of output tile ``tile`` in grouped order."""
-    in_group = GROUP_M * num_pid_n
-    first_m = (tile // in_group) * GROUP_M
-    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    return first_m + (tile % in_group) % group_m, (tile % in_group) // group_m
+from kernels.rmsnorm_linear import _m_bucket, grouped_tile, precision, rmsnorm_linear_ref
 
 
 @triton.jit
@@ -59,7 +50,7 @@ def rmsnorm_linear_tma_kernel(
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS):
-        pid_m, pid_n = _tile_of(tile, num_pid_m, num_pid_n, GROUP_M)
+        pid_m, pid_n = grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         rows = off_m + tl.arange(0, BLOCK_M)
@@ -115,7 +106,6 @@ def _tma_configs(rows):
 if INTERPRET:
     # Small tiles, so the tests' tiny shapes cover several tiles per program, partial tiles and a group.
     _CONFIGS = _tma_configs([(16, 16, 16, 2, 1, 1)])
-    _NUM_SMS_INTERPRETED = 3
 else:
     # Hopper's bf16 GEMM tiles (128 x 128 / 256 with 64-wide K steps, 3-4 stages: the persistent-matmul
     # tutorial's space), and 64-row tiles for the smaller M.
@@ -137,9 +127,7 @@ _kernel = triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by={"early_c
     rmsnorm_linear_tma_kernel)
 
 
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" \
-        else _NUM_SMS_INTERPRETED
+SMS_INTERPRETED = 3  # the interpreter's stand-in SM count: each program walks several tiles (guard.sm_count)
 
 
 SUMS_OF_SQUARES = ("mainloop", "row_pass")
@@ -200,7 +188,7 @@ def rmsnorm_linear_tma(x: torch.Tensor, w_folded: torch.Tensor, eps: float = 1e-
             return TensorDescriptor.from_tensor(t, [16, 16])
 
         a, r = (h if residual is not None else x, None) if row_pass else (x, residual)
-        sms = _num_sms(x.device)
+        sms = sm_count(x.device, SMS_INTERPRETED)
         _kernel[lambda meta: (min(sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)](
             desc(a), desc(r) if r is not None else None, desc(w_folded), h, y, rstd,
             m, n, k, _m_bucket(m), h.stride(0) if h is not None else 0, y.stride(0), rms_cols_start, eps,

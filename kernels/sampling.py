@@ -14,7 +14,7 @@ keep, defined below with its torch reference ``sample_ref``.
 """
 import torch
 
-from kernels.guard import check_tensors, pdl_entry, pdl_launch, tl, triton, use_triton
+from kernels.guard import check_tensors, pdl_entry, pdl_launch, sm_count, tl, triton, use_triton
 
 BLOCK_V = 2048
 MIN_TEMPERATURE = 1e-5  # as the reference clamps it
@@ -146,16 +146,14 @@ def _gumbel_argmax_combine_kernel(PART_SCORE, PART_TOKEN, OUT, V, n_splits, SPLI
     tl.store(OUT + b, tl.min(tl.where(score == top, token, V), axis=0))
 
 
-def num_splits_for(rows: int, vocab: int, sm_count: int) -> int:
+def num_splits_for(rows: int, vocab: int, sms: int) -> int:
     """Vocabulary splits per row: enough programs for two per SM, each at least one BLOCK_V block; one
     split (no combine kernel) once the rows alone fill the GPU."""
     blocks = -(-vocab // BLOCK_V)
-    return max(1, min(-(-2 * sm_count // max(rows, 1)), blocks))
+    return max(1, min(-(-2 * sms // max(rows, 1)), blocks))
 
 
-def _sm_count(device: torch.device) -> int:
-    # The interpreter has no SMs: a few "programs per SM" make it exercise the split path too.
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+SMS_INTERPRETED = 2  # the interpreter's stand-in SM count: tiny vocabularies still split (guard.sm_count)
 
 
 def gumbel_argmax(logits: torch.Tensor, temperatures: torch.Tensor, noise_keys: torch.Tensor) -> torch.Tensor:
@@ -179,7 +177,7 @@ def gumbel_argmax(logits: torch.Tensor, temperatures: torch.Tensor, noise_keys: 
     vocab = logits.shape[1]
     if rows == 0 or vocab == 0:
         return out
-    splits = num_splits_for(rows, vocab, _sm_count(logits.device))
+    splits = num_splits_for(rows, vocab, sm_count(logits.device, SMS_INTERPRETED))
     chunk = triton.cdiv(triton.cdiv(vocab, splits), BLOCK_V) * BLOCK_V  # whole blocks per split
     splits = triton.cdiv(vocab, chunk)
     part_score = torch.empty((rows, splits), dtype=torch.float64, device=logits.device)

@@ -75,3 +75,23 @@ def assert_no_worse(y, baseline, exact, what="kernel", slack=SLACK, factor=1.1):
 
 def randn(*shape, dtype, device=DEVICE, scale=1.0):
     return (torch.randn(*shape, device=device) * scale).to(dtype)
+
+
+def norm_linear_inputs(M, N, K, dtype, device=DEVICE):
+    """x, residual [M, K], the norm's gamma [K] and W [N, K] of a norm + linear test."""
+    x = randn(M, K, dtype=dtype, device=device)
+    residual = randn(M, K, dtype=dtype, device=device)
+    gamma = (1 + 0.2 * torch.randn(K, device=device)).to(dtype)
+    w = randn(N, K, dtype=dtype, device=device, scale=K**-0.5)
+    return x, residual, gamma, w
+
+
+def unfused_and_exact(h, gamma, w, w_folded, rms_cols_start):
+    """The unfused torch path on h (RMSNorm with gamma, then the linear) in h's dtype, and the same in fp64.
+    Columns before rms_cols_start (q, k) skip the norm in the fused op, so both take h @ W'^T there."""
+    from kernels import rmsnorm_ref  # not at import: the test modules pick the interpreter before kernels loads
+    unfused = torch.nn.functional.linear(rmsnorm_ref(h, gamma, EPS), w)
+    unfused[:, :rms_cols_start] = torch.nn.functional.linear(h, w_folded[:rms_cols_start])
+    exact = torch.nn.functional.linear(rmsnorm_ref(h.double(), gamma.double(), EPS), w.double())
+    exact[:, :rms_cols_start] = h.double() @ (w.double() * gamma.double())[:rms_cols_start].T
+    return unfused, exact

@@ -12,8 +12,8 @@ fails the test.
 import pytest
 import torch
 
-from tests.kernel_testing import (DEVICE, EPS, assert_no_worse, kernel_test_setup, poisoned, randn,
-                                  select_interpreter)
+from tests.kernel_testing import (DEVICE, EPS, assert_no_worse, kernel_test_setup, norm_linear_inputs, poisoned,
+                                  randn, select_interpreter, unfused_and_exact)
 
 select_interpreter()
 
@@ -31,13 +31,6 @@ from kernels.shapes import MODELS, TEST_MS, TEST_NKS, linear_ops, ms_for, ops  #
 
 ON_TRITON, runs_kernels, test_cpu_kernels_in_fresh_process = kernel_test_setup(__file__)
 
-
-def make_inputs(M, N, K, dtype, device=DEVICE):
-    x = randn(M, K, dtype=dtype, device=device)
-    residual = randn(M, K, dtype=dtype, device=device)
-    gamma = (1 + 0.2 * torch.randn(K, device=device)).to(dtype)
-    w = randn(N, K, dtype=dtype, device=device, scale=K**-0.5)
-    return x, residual, gamma, w
 
 
 # ---------------------------------------------------------------- rmsnorm, add_rmsnorm
@@ -104,7 +97,7 @@ def test_rmsnorm_rejects_bad_inputs():
 @pytest.mark.parametrize("M", TEST_MS)
 def test_rmsnorm_linear(M, N, K, with_residual, dtype):
     torch.manual_seed(M * 1000 + N)
-    x, residual, gamma, w = make_inputs(M, N, K, dtype)
+    x, residual, gamma, w = norm_linear_inputs(M, N, K, dtype)
     w_folded = fold_rmsnorm_weight(gamma, w)
     x_before, residual_before = x.clone(), residual.clone()
     if with_residual:
@@ -135,7 +128,7 @@ def test_rmsnorm_linear(M, N, K, with_residual, dtype):
 def test_rmsnorm_linear_column_split(M, rms_cols_start, dtype):
     N, K = 96, 72
     torch.manual_seed(rms_cols_start)
-    x, residual, gamma, w = make_inputs(M, N, K, dtype)
+    x, residual, gamma, w = norm_linear_inputs(M, N, K, dtype)
     w_folded = fold_rmsnorm_weight(gamma, w)
     y, h = poisoned(rmsnorm_linear, x, w_folded, EPS, residual, rms_cols_start)
     baseline = rmsnorm_linear_ref(h, w_folded, EPS, rms_cols_start=rms_cols_start)
@@ -229,19 +222,13 @@ CHECK_ROWS = 256  # rows compared in fp64; each row is computed independently
 @pytest.mark.parametrize("op,M", GPU_OPS, ids=[f"{o.model}-{o.op}-M{m}" for o, m in GPU_OPS])
 def test_rmsnorm_linear_gpu(op, M, dtype):
     torch.manual_seed(M)
-    x, residual, gamma, w = make_inputs(M, op.N, op.K, dtype, device="cuda")
+    x, residual, gamma, w = norm_linear_inputs(M, op.N, op.K, dtype, device="cuda")
     w_folded = fold_rmsnorm_weight(gamma, w)
     y, h = poisoned(rmsnorm_linear, x, w_folded, EPS, residual, op.rms_cols_start)
     assert not y.isnan().any()
     assert torch.equal(h, x + residual)
     rows = slice(0, CHECK_ROWS)
-    h = h[rows]
-    # The unfused torch path: RMSNorm with gamma, then the cuBLAS linear. Columns before
-    # rms_cols_start (q, k) skip the norm in the fused op, so compare them to h @ W'^T.
-    unfused = torch.nn.functional.linear(rmsnorm_ref(h, gamma, EPS), w)
-    unfused[:, :op.rms_cols_start] = torch.nn.functional.linear(h, w_folded[:op.rms_cols_start])
-    exact = torch.nn.functional.linear(rmsnorm_ref(h.double(), gamma.double(), EPS), w.double())
-    exact[:, :op.rms_cols_start] = h.double() @ (w.double() * gamma.double())[:op.rms_cols_start].T
+    unfused, exact = unfused_and_exact(h[rows], gamma, w, w_folded, op.rms_cols_start)
     assert_no_worse(y[rows], unfused, exact, slack=1e-4)
 
 
@@ -308,7 +295,7 @@ PATH_CASES = [(1, "gemv"), (3, "gemv"), (5, "gemv"), (8, "gemv"), (1, "dot"), (1
 @pytest.mark.parametrize("M,path", PATH_CASES)
 def test_rmsnorm_linear_paths(M, path, N, K, dtype):
     torch.manual_seed(M * 1000 + N)
-    x, residual, gamma, w = make_inputs(M, N, K, dtype)
+    x, residual, gamma, w = norm_linear_inputs(M, N, K, dtype)
     w_folded = fold_rmsnorm_weight(gamma, w)
     rms_cols_start = N // 3
     y, h = poisoned(rmsnorm_linear, x, w_folded, EPS, residual, rms_cols_start, path=path)

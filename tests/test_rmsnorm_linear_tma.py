@@ -8,25 +8,18 @@ tests/test_kernels.py's: no worse against fp64 than the unfused torch path in th
 import pytest
 import torch
 
-from tests.kernel_testing import (DEVICE, EPS, assert_no_worse, kernel_test_setup, poisoned, randn,
-                                  select_interpreter)
+from tests.kernel_testing import (DEVICE, EPS, assert_no_worse, kernel_test_setup, norm_linear_inputs, poisoned,
+                                  randn, select_interpreter, unfused_and_exact)
 
 select_interpreter()
 
-from kernels import fold_rmsnorm_weight, rmsnorm_linear_ref, rmsnorm_ref  # noqa: E402
+from kernels import fold_rmsnorm_weight, rmsnorm_linear_ref  # noqa: E402
 from kernels.rmsnorm_linear_tma import SUMS_OF_SQUARES, rmsnorm_linear_tma  # noqa: E402
 from kernels.shapes import MODELS, TEST_MS, TEST_NKS, ops  # noqa: E402
 
 ON_TRITON, runs_kernels, test_cpu_kernels_in_fresh_process = kernel_test_setup(__file__)
 HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] >= 9
 needs_tma = pytest.mark.skipif(DEVICE == "cuda" and not HOPPER, reason="TMA needs compute capability >= 9")
-
-
-def inputs(M, N, K, dtype, device=DEVICE):
-    x, residual = randn(M, K, dtype=dtype, device=device), randn(M, K, dtype=dtype, device=device)
-    gamma = (1 + 0.2 * torch.randn(K, device=device)).to(dtype)
-    w = randn(N, K, dtype=dtype, device=device, scale=K**-0.5)
-    return x, residual, gamma, w
 
 
 @runs_kernels
@@ -39,7 +32,7 @@ def inputs(M, N, K, dtype, device=DEVICE):
 @pytest.mark.parametrize("M", TEST_MS)
 def test_tma_kernel_is_no_worse_than_the_unfused_path(M, N, K, sum_of_squares, columns, with_residual, dtype):
     torch.manual_seed(M * 1000 + N)
-    x, residual, gamma, w = inputs(M, N, K, dtype)
+    x, residual, gamma, w = norm_linear_inputs(M, N, K, dtype)
     w_folded = fold_rmsnorm_weight(gamma, w)
     rms_cols_start = {"all": 0, "a third without r": N // 3, "none (plain GEMM)": N}[columns]
     x_before, residual_before = x.clone(), residual.clone()
@@ -61,7 +54,7 @@ def test_tma_kernel_is_no_worse_than_the_unfused_path(M, N, K, sum_of_squares, c
 @pytest.mark.parametrize("M,N,K", [(3, 40, 40), (80, 96, 72), (17, 38, 24)])  # N / 2 = 19: a gate tile past N
 def test_tma_kernel_with_silu_mul_is_no_worse_than_the_unfused_path(M, N, K, sum_of_squares, dtype):
     torch.manual_seed(M * 1000 + N)
-    x, residual, gamma, w = inputs(M, N, K, dtype)
+    x, residual, gamma, w = norm_linear_inputs(M, N, K, dtype)
     w_folded = fold_rmsnorm_weight(gamma, w)
     y, h = poisoned(rmsnorm_linear_tma, x, w_folded, EPS, residual, 0, sum_of_squares, True)
     assert y.shape == (M, N // 2) and torch.equal(h, x + residual)
@@ -100,16 +93,12 @@ PREFILL_OPS = [(op, m) for model in MODELS for op in ops(model) if op.op != "lm_
 @pytest.mark.parametrize("op,M", PREFILL_OPS, ids=[f"{o.model}-{o.op}-M{m}" for o, m in PREFILL_OPS])
 def test_tma_kernel_at_prefill_shapes_in_bf16(op, M, sum_of_squares):
     torch.manual_seed(M)
-    x, residual, gamma, w = inputs(M, op.N, op.K, torch.bfloat16, device="cuda")
+    x, residual, gamma, w = norm_linear_inputs(M, op.N, op.K, torch.bfloat16, device="cuda")
     w_folded = fold_rmsnorm_weight(gamma, w)
     y, h = poisoned(rmsnorm_linear_tma, x, w_folded, EPS, residual, op.rms_cols_start, sum_of_squares)
     assert torch.equal(h, x + residual)
     rows = slice(0, 64)
-    h = h[rows]
-    unfused = torch.nn.functional.linear(rmsnorm_ref(h, gamma, EPS), w)
-    unfused[:, :op.rms_cols_start] = torch.nn.functional.linear(h, w_folded[:op.rms_cols_start])
-    exact = torch.nn.functional.linear(rmsnorm_ref(h.double(), gamma.double(), EPS), w.double())
-    exact[:, :op.rms_cols_start] = h.double() @ (w.double() * gamma.double())[:op.rms_cols_start].T
+    unfused, exact = unfused_and_exact(h[rows], gamma, w, w_folded, op.rms_cols_start)
     assert_no_worse(y[rows], unfused, exact, slack=1e-4)
 
 
@@ -121,7 +110,7 @@ GATE_UP_OPS = [(op, m) for op, m in PREFILL_OPS if op.op == "gate_up"]
 @pytest.mark.parametrize("op,M", GATE_UP_OPS, ids=[f"{o.model}-M{m}" for o, m in GATE_UP_OPS])
 def test_tma_kernel_with_silu_mul_at_gate_up_shapes_in_bf16(op, M):
     torch.manual_seed(M)
-    x, residual, gamma, w = inputs(M, op.N, op.K, torch.bfloat16, device="cuda")
+    x, residual, gamma, w = norm_linear_inputs(M, op.N, op.K, torch.bfloat16, device="cuda")
     w_folded = fold_rmsnorm_weight(gamma, w)
     y, h = poisoned(rmsnorm_linear_tma, x, w_folded, EPS, residual, 0, "row_pass", True)
     rows = slice(0, 64)

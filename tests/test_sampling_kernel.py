@@ -63,7 +63,7 @@ def test_gumbel_argmax_takes_the_first_of_maxima_tied_across_vocabulary_splits()
     temperatures = torch.zeros(3, device=DEVICE)
     keys = torch.zeros(3, dtype=torch.int64, device=DEVICE)
     if DEVICE == "cpu":  # the interpreter's stand-in SM count splits these rows in two
-        assert kernels.sampling.num_splits_for(3, vocab, kernels.sampling._sm_count(torch.device("cpu"))) == 2
+        assert kernels.sampling.num_splits_for(3, vocab, kernels.sampling.SMS_INTERPRETED) == 2
     got = gumbel_argmax(logits, temperatures, keys)
     assert got.tolist() == [block + 3, vocab - 1, 0]  # row 2, all -inf: 0, as torch.argmax
     assert torch.equal(got, gumbel_argmax_ref(logits, temperatures, keys))
