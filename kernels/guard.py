@@ -137,14 +137,45 @@ def check_tensors(op: str, **tensors: torch.Tensor) -> None:
             raise ValueError(f"{op}: {name} must be contiguous in its last dim (stride {t.stride(-1)})")
 
 
-def graph_bench(kernel_call, quantiles):
+def graph_bench(kernel_call, quantiles, calls=20, samples=10):
     """The autotuners' timing of the GEMVs (a few microseconds each): inside a CUDA graph, as the engine
-    replays them. Timed in eager launches, whose overhead is as large as the differences between the
-    candidates, their choice moved the batch-1 step by up to 12 % between two processes (kernels/NOTES.md,
-    run 7). The interpreter times eagerly, as Triton's default does."""
+    replays them, and with the weights out of the L2 cache, as the engine reads them (a decode step's
+    weights are 20x the L2; one projection's fit in it, so back-to-back replays would time L2 reads and
+    favour tiles that keep too few DRAM bytes in flight). One graph runs ``calls`` x (a read of twice the
+    L2, the kernel), another the reads alone; a sample is their difference over ``calls``. Timed in eager
+    launches, whose overhead is as large as the differences between the candidates, the choice moved the
+    batch-1 step by up to 12 % between two processes (kernels/NOTES.md, run 7). The interpreter times
+    eagerly, as Triton's default does."""
     if INTERPRET:
         return triton.testing.do_bench(kernel_call, quantiles=quantiles)
-    return triton.testing.do_bench_cudagraph(kernel_call, quantiles=quantiles)
+    device = torch.device("cuda", torch.cuda.current_device())
+    flush = torch.empty(2 * torch.cuda.get_device_properties(device).L2_cache_size // 4, dtype=torch.int32,
+                        device=device)
+    kernel_call()  # compiles, and allocates outside the graphs
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        graphs = [torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()]
+        for graph, with_kernel in zip(graphs, (True, False)):
+            with torch.cuda.graph(graph, stream=stream):
+                for _ in range(calls):
+                    torch.amax(flush)
+                    if with_kernel:
+                        kernel_call()
+        for graph in graphs:
+            graph.replay()  # warm
+        events = [[torch.cuda.Event(enable_timing=True) for _ in range(3)] for _ in range(samples)]
+        for start, middle, end in events:
+            start.record(stream)
+            graphs[0].replay()
+            middle.record(stream)
+            graphs[1].replay()
+            end.record(stream)
+    stream.synchronize()
+    times = torch.tensor([(s.elapsed_time(m) - m.elapsed_time(e)) / calls for s, m, e in events])
+    result = torch.quantile(times, torch.tensor(quantiles, dtype=times.dtype)).tolist() if quantiles \
+        else times.median().item()
+    return result
 
 
 def autotuned_configs(modules=None) -> dict:

@@ -88,25 +88,24 @@ else:
         (32, 64, 4, 3),  # fits shared memory even for fp32 + residual at BLOCK_M = 64
     ])
     # GEMV (M <= GEMV_MAX_M): a program owns BLOCK_N rows of W and reads [BLOCK_N, BLOCK_K]
-    # tiles, 16-byte loads along K. BLOCK_N 8-64 gives 64-19000 programs (N = 4096 at
-    # BLOCK_N 32: 128 programs, at 16: 256); 8-32 KB per tile per program in flight, several
-    # programs per SM. _fits_registers drops the tiles whose product exceeds 64 fp32 values
-    # per thread (BLOCK_M * BLOCK_N * BLOCK_K, times 2 for silu_mul).
+    # tiles, 16-byte loads along K, the next tile in flight while it multiplies this one
+    # (``_gemv_matmul``). At 4+ TB/s and about a microsecond to DRAM an SM needs some 32 KB in
+    # flight: two 4-16 KB tiles per program and several programs per SM, so small BLOCK_N
+    # too (N = 1024 at BLOCK_N 4: 256 programs). _fits_registers drops the tiles whose product
+    # exceeds 64 fp32 values per thread (BLOCK_M * BLOCK_N * BLOCK_K, times 2 for silu_mul).
+    # num_stages is 1: Triton pipelines tl.dot operands only.
     _GEMV_CONFIGS = _configs(("BLOCK_N", "BLOCK_K"), [
-        (8, 512, 4, 3),
-        (8, 1024, 4, 2),
-        (16, 256, 4, 3),
-        (16, 512, 4, 3),
-        (16, 512, 8, 3),
-        (16, 1024, 8, 2),
-        (32, 256, 4, 3),
-        (32, 256, 8, 4),
-        (32, 512, 8, 3),
-        (64, 256, 8, 3),
-        (64, 128, 4, 4),
-        (8, 128, 2, 4),
-        (16, 128, 4, 4),  # small products for M = 8
-        (8, 64, 4, 4),
+        (2, 1024, 4, 1),
+        (4, 512, 4, 1),
+        (4, 1024, 4, 1),
+        (8, 256, 4, 1),
+        (8, 512, 4, 1),
+        (8, 1024, 8, 1),
+        (16, 256, 4, 1),
+        (16, 512, 8, 1),
+        (32, 256, 8, 1),
+        (16, 128, 4, 1),  # small products for M = 8
+        (8, 64, 4, 1),
     ])
     # Prefill: the usual H100 bf16 GEMM tiles, minus those that spill with a residual
     # (256 x 128, and 128 x 128 on 4 warps).
@@ -151,13 +150,11 @@ def _norm_matmul(
     ``w_rows``: [BLOCK_N] element offsets of the W rows. With a residual, h is also stored
     to H for rows below ``h_rows``: M for one column block, 0 for the others (all of them
     compute h for their dot, one writes it).
-    GEMV (BLOCK_M = next power of two >= M, at most GEMV_MAX_ROWS): no tensor cores; W tiles are
-    [BLOCK_N, BLOCK_K] (K fastest), multiplied by the h rows in fp32 and summed over K.
-    USE_PDL (``kernels.guard``): the first K step is peeled off the loop so that its W tile(s), which
-    no kernel writes, are loaded before ``gdc_wait``: their DRAM round trip runs under the previous
-    kernel's tail. x, the residual and h (which earlier kernels write or read) wait. The next kernel may
-    launch from entry (USE_PDL 1) or once the K loop is done (2).
+    GEMV: ``_gemv_matmul``. Otherwise the tl.dot loop, whose loads Triton's pipeliner stages.
     """
+    if GEMV:
+        return _gemv_matmul(X, R, H, W, offs_m, w_rows, w_rows_2, mask_n, M, k_start, K, h_rows,
+                            stride_xm, stride_rm, stride_hm, HAS_RESIDUAL, PAIRED, BLOCK_M, BLOCK_N, BLOCK_K, USE_PDL)
     mask_m = offs_m < M
     mask_h = offs_m < h_rows
     rows = offs_m.to(tl.int64)[:, None]  # M * K and N * K can pass 2**31
@@ -165,47 +162,112 @@ def _norm_matmul(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    k_loop = k_start
-    if USE_PDL:
-        if USE_PDL == 1:
-            tl.extra.cuda.gdc_launch_dependents()
-        cols = k_start + offs_k
-        b = _w_tile(W, w_rows, mask_n, cols, K, GEMV)
-        b_2 = b
-        if PAIRED:
-            b_2 = _w_tile(W, w_rows_2, mask_n, cols, K, GEMV)
-        tl.extra.cuda.gdc_wait()
-        a, sumsq = _h_tile(X, R, H, rows, mask_m, mask_h, cols, K, sumsq, stride_xm, stride_rm, stride_hm, HAS_RESIDUAL)
-        acc = _accumulate(acc, a, b, PRECISION, GEMV, BLOCK_M)
-        if PAIRED:
-            acc_2 = _accumulate(acc_2, a, b_2, PRECISION, GEMV, BLOCK_M)
-        k_loop = k_start + BLOCK_K
-    for k in range(k_loop, K, BLOCK_K):
+    for k in range(k_start, K, BLOCK_K):
         cols = k + offs_k
-        a, sumsq = _h_tile(X, R, H, rows, mask_m, mask_h, cols, K, sumsq, stride_xm, stride_rm, stride_hm, HAS_RESIDUAL)
-        acc = _accumulate(acc, a, _w_tile(W, w_rows, mask_n, cols, K, GEMV), PRECISION, GEMV, BLOCK_M)
+        a, res = _x_tiles(X, R, rows, mask_m, cols, K, stride_xm, stride_rm, HAS_RESIDUAL)
+        a = _h_from(a, res, H, rows, mask_h, cols, K, stride_hm, HAS_RESIDUAL)
+        a32 = a.to(tl.float32)
+        sumsq += tl.sum(a32 * a32, axis=1)
+        acc = tl.dot(a, _w_tile(W, w_rows, mask_n, cols, K, False), acc, input_precision=PRECISION)
         if PAIRED:
-            acc_2 = _accumulate(acc_2, a, _w_tile(W, w_rows_2, mask_n, cols, K, GEMV), PRECISION, GEMV, BLOCK_M)
-    if USE_PDL == 2:
-        tl.extra.cuda.gdc_launch_dependents()
+            acc_2 = tl.dot(a, _w_tile(W, w_rows_2, mask_n, cols, K, False), acc_2, input_precision=PRECISION)
     return acc, acc_2, sumsq
 
 
 @triton.jit
-def _h_tile(X, R, H, rows, mask_m, mask_h, cols, K, sumsq, stride_xm, stride_rm, stride_hm,
-            HAS_RESIDUAL: tl.constexpr):
-    """The h tile of columns ``cols``, ``x (+ residual)`` (stored to H for rows below h_rows), and
-    ``sumsq`` plus its squares."""
-    mask_k = cols < K
-    mask_mk = mask_m[:, None] & mask_k[None, :]
+def _gemv_matmul(
+    X, R, H, W, offs_m, w_rows, w_rows_2, mask_n, M, k_start, K, h_rows,
+    stride_xm, stride_rm, stride_hm,
+    HAS_RESIDUAL: tl.constexpr, PAIRED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    """``_norm_matmul`` for the GEMV rows (BLOCK_M = next power of two >= M, at most GEMV_MAX_ROWS): no
+    tensor cores; W tiles are [BLOCK_N, BLOCK_K] (K fastest), multiplied by the h rows in fp32.
+
+    A GEMV is a stream of W: the time goes to keeping enough bytes in flight. Triton's pipeliner stages
+    only tl.dot operands, so the loop is software-pipelined by hand: each step issues the next step's W
+    tile(s), x and residual loads before it computes on the tiles the previous step loaded, and nothing
+    in the loop waits on a reduction (at one row the products accumulate element-wise, [BLOCK_N, BLOCK_K],
+    and the squares [BLOCK_M, BLOCK_K], each summed once after the loop). The first W tile(s) are loaded
+    before anything else: with PDL (``kernels.guard``) before ``gdc_wait``, since weights are never
+    written, so their DRAM round trip runs under the previous kernel's tail; x, the residual and h
+    (which earlier kernels write or read) come after it. The next kernel may launch from entry
+    (USE_PDL 1) or once the K loop is done (2).
+    """
+    mask_m = offs_m < M
+    mask_h = offs_m < h_rows
+    rows = offs_m.to(tl.int64)[:, None]
+    offs_k = tl.arange(0, BLOCK_K)
+    if USE_PDL == 1:
+        tl.extra.cuda.gdc_launch_dependents()
+    cols = k_start + offs_k
+    b = _w_tile(W, w_rows, mask_n, cols, K, True)
+    b_2 = b
+    if PAIRED:
+        b_2 = _w_tile(W, w_rows_2, mask_n, cols, K, True)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+    a, res = _x_tiles(X, R, rows, mask_m, cols, K, stride_xm, stride_rm, HAS_RESIDUAL)
+    if BLOCK_M == 1:
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_2 = acc
+    squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for k in range(k_start, K, BLOCK_K):
+        cols = k + offs_k
+        next_cols = cols + BLOCK_K  # past K (the last step): masked, no memory traffic
+        next_b = _w_tile(W, w_rows, mask_n, next_cols, K, True)
+        next_b_2 = next_b
+        if PAIRED:
+            next_b_2 = _w_tile(W, w_rows_2, mask_n, next_cols, K, True)
+        next_a, next_res = _x_tiles(X, R, rows, mask_m, next_cols, K, stride_xm, stride_rm, HAS_RESIDUAL)
+        h = _h_from(a, res, H, rows, mask_h, cols, K, stride_hm, HAS_RESIDUAL).to(tl.float32)
+        squares += h * h
+        acc = _gemv_accumulate(acc, h, b.to(tl.float32), BLOCK_M)
+        if PAIRED:
+            acc_2 = _gemv_accumulate(acc_2, h, b_2.to(tl.float32), BLOCK_M)
+        a, res, b, b_2 = next_a, next_res, next_b, next_b_2
+    if USE_PDL == 2:
+        tl.extra.cuda.gdc_launch_dependents()
+    if BLOCK_M == 1:
+        out = tl.sum(acc, axis=1)[None, :]
+        out_2 = tl.sum(acc_2, axis=1)[None, :]
+    else:
+        out = acc
+        out_2 = acc_2
+    return out, out_2, tl.sum(squares, axis=1)
+
+
+@triton.jit
+def _gemv_accumulate(acc, h, b, BLOCK_M: tl.constexpr):
+    """One W tile's share of the GEMV: at one row element-wise products ([BLOCK_N, BLOCK_K], summed
+    after the loop), else the [BLOCK_M, BLOCK_N] sums over this tile's K."""
+    if BLOCK_M == 1:
+        acc += h * b
+    else:
+        acc += tl.sum(h[:, None, :] * b[None, :, :], axis=2)
+    return acc
+
+
+@triton.jit
+def _x_tiles(X, R, rows, mask_m, cols, K, stride_xm, stride_rm, HAS_RESIDUAL: tl.constexpr):
+    """The x tile of columns ``cols`` and, with a residual, the residual's (else x again)."""
+    mask_mk = mask_m[:, None] & (cols < K)[None, :]
     a = tl.load(X + rows * stride_xm + cols[None, :], mask=mask_mk, other=0.0)
+    res = a
     if HAS_RESIDUAL:
         res = tl.load(R + rows * stride_rm + cols[None, :], mask=mask_mk, other=0.0)
-        # Round the sum to the model dtype, as HF does before its norm.
-        a = (a.to(tl.float32) + res.to(tl.float32)).to(X.dtype.element_ty)
-        tl.store(H + rows * stride_hm + cols[None, :], a, mask=mask_h[:, None] & mask_k[None, :])
-    a32 = a.to(tl.float32)
-    return a, sumsq + tl.sum(a32 * a32, axis=1)
+    return a, res
+
+
+@triton.jit
+def _h_from(a, res, H, rows, mask_h, cols, K, stride_hm, HAS_RESIDUAL: tl.constexpr):
+    """h = x (+ residual), rounded to the model dtype as HF adds, and stored to H for rows below h_rows."""
+    if HAS_RESIDUAL:
+        a = (a.to(tl.float32) + res.to(tl.float32)).to(a.dtype)
+        tl.store(H + rows * stride_hm + cols[None, :], a, mask=mask_h[:, None] & (cols < K)[None, :])
+    return a
 
 
 @triton.jit
@@ -218,27 +280,6 @@ def _w_tile(W, w_rows, mask_n, cols, K, GEMV: tl.constexpr):
     else:
         b = tl.load(W + w_rows[None, :] + cols[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
     return b
-
-
-@triton.jit
-def _accumulate(acc, a, b, PRECISION: tl.constexpr, GEMV: tl.constexpr, BLOCK_M: tl.constexpr):
-    """``acc`` plus the h tile ``a`` times the W tile ``b`` (``_w_tile``)."""
-    if GEMV:
-        acc += _rows_times_tile(a.to(tl.float32), b.to(tl.float32), BLOCK_M)
-    else:
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    return acc
-
-
-@triton.jit
-def _rows_times_tile(a, b, BLOCK_M: tl.constexpr):
-    """[BLOCK_M, BLOCK_K] rows times a [BLOCK_N, BLOCK_K] W tile, summed over K: [BLOCK_M, BLOCK_N]
-    (fp32). One row needs no 3-D broadcast."""
-    if BLOCK_M == 1:
-        out = tl.sum(a * b, axis=1)[None, :]
-    else:
-        out = tl.sum(a[:, None, :] * b[None, :, :], axis=2)
-    return out
 
 
 @triton.jit

@@ -246,6 +246,28 @@ def test_linear_gpu(op, M, dtype):
 
 
 @pytest.mark.gpu
+def test_graph_bench_times_reads_from_dram_not_the_l2():
+    """The GEMV autotuners' timing: a read of a buffer a fifth of the L2 takes longer with the L2 flushed
+    before each call than replayed back to back (where it stays in the L2), and no less than its bytes at
+    the copy rate's datasheet bound allows."""
+    from triton.testing import do_bench_cudagraph
+
+    from kernels.guard import graph_bench
+    l2 = torch.cuda.get_device_properties().L2_cache_size
+    buf = torch.randn(l2 // 5 // 4, device="cuda")
+    out = torch.empty((), device="cuda")
+
+    def read():
+        torch.sum(buf, out=out)
+
+    cold_ms = graph_bench(read, quantiles=(0.5, 0.2, 0.8))
+    hot_ms = do_bench_cudagraph(read, return_mode="median")
+    assert len(cold_ms) == 3 and 0 < cold_ms[1] <= cold_ms[0] <= cold_ms[2]
+    assert cold_ms[0] > hot_ms
+    assert cold_ms[0] * 1e-3 > buf.numel() * 4 / 10e12  # no HBM reads 10 TB/s
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M", [1, 256, 8192])
 @pytest.mark.parametrize("N", [128, 1024, 4096])
