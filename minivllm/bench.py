@@ -201,7 +201,7 @@ def main(argv=None):
                         help="programmatic dependent launch (Config.pdl): on, off, or both side by side (A/B)")
     parser.add_argument("--async-scheduling", default="on", choices=("on", "off", "on,off", "off,on"),
                         help="generate's overlap of the host with the GPU (Config.async_scheduling): on, off, or both")
-    parser.add_argument("--prefill-graphs", default="off", choices=("on", "off", "on,off", "off,on"),
+    parser.add_argument("--prefill-graphs", default="on", choices=("on", "off", "on,off", "off,on"),
                         help="small prefill steps replayed from padded graphs (Config.prefill_graphs): on, off or both")
     parser.add_argument("--out", default="data/results")
     parser.add_argument("--tag", default="", help="suffix for the result file's benchmark name")

@@ -273,8 +273,10 @@ class Config:
     # generate() prepares each decode step while the GPU runs the one before (one tensor-parallel rank)
     async_scheduling: bool = True
     # Small prefill steps (ModelRunner.PREFILL_GRAPH_TOKENS, one rank) run as a padded step: a CUDA-graph replay
-    # on a GPU. Off until its GPU tests and TTFT have run (kernels/NOTES.md).
-    prefill_graphs: bool = False
+    # on a GPU. None: on CUDA (the first token of a short prompt is launch-bound without it: kernels/NOTES.md,
+    # run 9), off on CPU and under enforce_eager, where a padded step only adds work; True there runs the padded
+    # steps eagerly (tests).
+    prefill_graphs: bool | None = None
     tensor_parallel_size: int = 1
     seed: int = 0
     fusion: str = "off"
@@ -295,6 +297,8 @@ class Config:
             raise ValueError("device='cuda' but no CUDA GPU is available")
         if self.kvcache_block_size is None:
             self.kvcache_block_size = 256 if self.device == "cuda" else 16
+        if self.prefill_graphs is None:
+            self.prefill_graphs = self.device == "cuda" and not self.enforce_eager
         if checks.integer("kvcache_block_size", self.kvcache_block_size) < 1 or self.kvcache_block_size % 16:
             raise ValueError(f"kvcache_block_size must be a positive multiple of 16, got {self.kvcache_block_size}")
         if self.fusion not in FUSION_MODES:
@@ -314,8 +318,10 @@ class Config:
         checks.real("gpu_memory_utilization", self.gpu_memory_utilization, low=0, high=1, low_open=True)
         checks.real("cpu_kvcache_space_gb", self.cpu_kvcache_space_gb, low=0, low_open=True)
         for name in ("enable_prefix_caching", "enable_chunked_prefill", "enforce_eager", "async_scheduling", "pdl",
-                     "mixed_steps", "prefill_graphs"):
+                     "mixed_steps"):
             checks.flag(name, getattr(self, name))
+        if self.prefill_graphs is not None:
+            checks.flag("prefill_graphs", self.prefill_graphs)
         checks.integer("seed", self.seed, *checks.SEED_RANGE)
         for name in ("dtype", "device", "fusion"):
             if not isinstance(getattr(self, name), str):

@@ -434,6 +434,14 @@ def test_mixed_steps_keep_the_outputs_and_let_decodes_ride_along(ckpt, monkeypat
     assert llm.scheduler.block_manager.num_free_blocks == llm.config.num_kvcache_blocks
 
 
+def test_prefill_graphs_default_to_the_gpu_only(ckpt):
+    # None (the default) is on where the padded steps replay graphs, off on CPU and under enforce_eager.
+    assert LLM(ckpt, device="cpu").config.prefill_graphs is False
+    assert LLM(ckpt, device="cpu", prefill_graphs=True).config.prefill_graphs is True
+    with pytest.raises(ValueError, match="prefill_graphs"):
+        LLM(ckpt, device="cpu", prefill_graphs="yes")
+
+
 @pytest.mark.parametrize("fusion", ["off", "full"])
 def test_padded_prefill_steps_give_the_unpadded_engines_outputs(ckpt, fusion, monkeypatch):
     # Config.prefill_graphs: small prefill steps run padded to PREFILL_GRAPH_TOKENS with PREFILL_GRAPH_SEQS
