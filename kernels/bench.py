@@ -396,7 +396,7 @@ def bench_attention(rep, batches=ATTENTION_BATCHES, contexts=ATTENTION_CONTEXTS)
         err = None
         if batch * context <= 64 * 2048:  # the reference loops over sequences in torch
             exact = paged_attention_ref(*(t.double() if t.is_floating_point() else t for t in sets[0]), d**-0.5)
-            err = rel_err(call(sets[0]), exact)
+            err = rel_err(call(sets[0]), exact[:ERR_ROWS])  # more sequences than ERR_ROWS at batch 256
         us = time_us(call, sets, rep)
         floor = (kv_bytes + 2 * batch * hq * d * DTYPE.itemsize) / CEILINGS["copy_bytes_per_s"] * 1e6
         splits = _default_num_splits(batch * hkv, triton.cdiv(context, min(MAX_BLOCK_N, ATTENTION_BLOCK)),

@@ -277,11 +277,12 @@ def test_gpu_offsets_past_int32():
 @pytest.mark.gpu
 def test_attention_benchmark_times_decode_against_the_kv_floor():
     # kernels.bench --attention at two small points: every row timed beside its floor, the splits recorded,
-    # and the kernel matching the reference.
+    # and the kernel matching the reference (also with more sequences than the rows it checks: run 9's
+    # batch 256 failed there).
     from kernels import bench
     bench.CEILINGS.update(bench.measure_ceilings())
-    rows = bench.bench_attention(rep=5, batches=(2, 16), contexts=(512,))
-    assert [(r["M"], r["N"]) for r in rows] == [(2, 512), (16, 512)]
+    rows = bench.bench_attention(rep=5, batches=(2, bench.ERR_ROWS + 2), contexts=(512,))
+    assert [(r["M"], r["N"]) for r in rows] == [(2, 512), (bench.ERR_ROWS + 2, 512)]
     for r in rows:
         assert r["us_median"] > 0 and r["floor_us"] > 0 and r["config"]["num_splits"] >= 1
         assert r["rel_err_vs_fp64"] < 1e-2
