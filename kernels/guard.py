@@ -173,9 +173,7 @@ def graph_bench(kernel_call, quantiles, calls=20, samples=10):
             end.record(stream)
     stream.synchronize()
     times = torch.tensor([(s.elapsed_time(m) - m.elapsed_time(e)) / calls for s, m, e in events])
-    result = torch.quantile(times, torch.tensor(quantiles, dtype=times.dtype)).tolist() if quantiles \
-        else times.median().item()
-    return result
+    return torch.quantile(times, torch.tensor(quantiles, dtype=times.dtype)).tolist()
 
 
 def autotuned_configs(modules=None) -> dict:
