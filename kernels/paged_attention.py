@@ -14,12 +14,12 @@ Kernels (CUDA, or the Triton interpreter on CPU under ``TRITON_INTERPRET=1``; el
 ``store_kvcache`` copies one token per program. ``paged_attention`` runs one kernel for both phases: a program
 takes a few new tokens of one sequence times all query heads of one kv head (GQA: each K/V tile is loaded once
 for the group), walks the block table tile by tile with an online softmax in fp32, and may own only a share of
-the key tiles (flash-decoding splits, merged by a small second kernel) so that short batches fill the GPU.
+the key tiles (flash-decoding splits, merged by the last split to finish) so that short batches fill the GPU.
 """
 
 import torch
 
-from kernels.guard import check_tensors, pdl_entry, pdl_launch, sm_count, tl, triton, use_triton
+from kernels.guard import check_tensors, pdl_launch, sm_count, tl, triton, use_triton
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -135,24 +135,27 @@ def _find_seq(CU_Q, num_seqs, pid, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@triton.jit(do_not_specialize=["num_seqs", "num_splits"])
+@triton.jit(do_not_specialize=["num_seqs", "num_splits", "table_width"])
 def _paged_attention_kernel(
-    Q, KC, VC, OUT, M_PART, L_PART, ACC_PART,
+    Q, KC, VC, OUT, M_PART, L_PART, ACC_PART, TICKETS,
     CU_Q, SEQLENS_K, BLOCK_TABLES,
-    num_seqs, num_splits, scale_log2e,
+    num_seqs, num_splits, table_width, scale_log2e,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DECODE: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DECODE: tl.constexpr, SPLITS_POW2: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    pdl_entry(USE_PDL)
     # A program owns BLOCK_M query rows: BLOCK_Q consecutive new tokens of one sequence times the GROUP query heads
-    # of kv head program_id(1), so each K/V tile it loads serves the whole GQA group. It streams its share
-    # (program_id(2) of num_splits) of the key tiles the rows can see, with an online softmax in fp32.
+    # of kv head program_id(1), so each K/V tile it loads serves the whole GQA group. It streams its share of the
+    # key tiles the rows can see (every num_splits-th tile from tile program_id(2)) with an online softmax in fp32.
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    # The index tensors are read before gdc_wait: they are the step's inputs, which no PDL kernel writes. Tiles
+    # are dealt round-robin, so this split's first cache block is fetched beside k_len, not after it.
     if DECODE:  # one token per sequence: row b of q is sequence b
         seq = tl.program_id(0)
         q_start = seq
@@ -163,9 +166,13 @@ def _paged_attention_kernel(
         q_start = tl.load(CU_Q + seq)
         q_len = tl.load(CU_Q + seq + 1) - q_start
         q_block = tl.program_id(0) - (q_start // BLOCK_Q + seq)
+    k_len = tl.load(SEQLENS_K + seq)
+    block = _block_of(BLOCK_TABLES + seq * stride_bt, split, split + 1, table_width, BLOCK_N, BLOCK_SIZE)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+    if not DECODE:
         if q_block * BLOCK_Q >= q_len:
             return
-    k_len = tl.load(SEQLENS_K + seq)
 
     rows = tl.arange(0, BLOCK_M)
     tok = q_block * BLOCK_Q + rows // GROUP  # index among the sequence's new tokens
@@ -176,68 +183,92 @@ def _paged_attention_kernel(
     q = tl.load(Q + (q_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
                 mask=row_ok[:, None], other=0.0)
 
-    # The block's last token sees the most keys; split those key tiles evenly among the splits.
+    # The block's last token sees the most keys.
     kv_end = k_len - q_len + tl.minimum((q_block + 1) * BLOCK_Q, q_len)
     num_tiles = tl.cdiv(kv_end, BLOCK_N)
-    tiles_per_split = tl.cdiv(num_tiles, num_splits)
-    tile_lo = split * tiles_per_split
-    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
 
     # The running max starts finite so that a row with no visible key yet gets p = 0, not exp(-inf + inf) = NaN.
     m_i = tl.full([BLOCK_M], -1e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     n = tl.arange(0, BLOCK_N)
-    for tile in range(tile_lo, tile_hi):
+    for tile in range(split, num_tiles, num_splits):
         key = tile * BLOCK_N + n
-        block = tl.load(BLOCK_TABLES + seq * stride_bt + tile * BLOCK_N // BLOCK_SIZE).to(tl.int64)
         slot = tile * BLOCK_N % BLOCK_SIZE + n
         # Slots past the sequence's end hold stale data, maybe NaN, which 0 * NaN in p @ v would spread.
         key_ok = key < kv_end
+        # K, V and the next tile's block are all in flight before the first dot.
         k = tl.load(KC + block * stride_kcb + slot[None, :] * stride_kcs + kv_head * stride_kch + d[:, None],
                     mask=key_ok[None, :], other=0.0)
+        v = tl.load(VC + block * stride_vcb + slot[:, None] * stride_vcs + kv_head * stride_vch + d[None, :],
+                    mask=key_ok[:, None], other=0.0)
+        block = _block_of(BLOCK_TABLES + seq * stride_bt, tile + num_splits, num_tiles, table_width, BLOCK_N,
+                          BLOCK_SIZE)
         s = tl.dot(q, k, input_precision="ieee") * scale_log2e
         s = tl.where(key[None, :] <= q_pos[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(VC + block * stride_vcb + slot[:, None] * stride_vcs + kv_head * stride_vch + d[None, :],
-                    mask=key_ok[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
 
-    if SPLIT:
-        part = ((q_start + tok) * (GROUP * tl.num_programs(1)) + head) * num_splits + split
-        tl.store(M_PART + part, m_i, mask=row_ok)
-        tl.store(L_PART + part, l_i, mask=row_ok)
-        tl.store(ACC_PART + part[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None])
-    else:
-        l_i = tl.where(l_i == 0.0, 1.0, l_i)  # a sequence with no keys (CUDA-graph padding) gives 0, not NaN
-        out = acc / l_i[:, None]
-        tl.store(OUT + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
-                 out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+    out_ok = row_ok
+    if SPLITS_POW2 > 1:
+        m_i, l_i, acc, out_ok = _merge_splits(
+            m_i, l_i, acc, row_ok, (q_start + tok) * (GROUP * tl.num_programs(1)) + head, split, num_splits,
+            M_PART, L_PART, ACC_PART, TICKETS + tl.program_id(0) * tl.num_programs(1) + kv_head,
+            HEAD_DIM, SPLITS_POW2)
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # a sequence with no keys (CUDA-graph padding) gives 0, not NaN
+    out = acc / l_i[:, None]
+    tl.store(OUT + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+             out.to(OUT.dtype.element_ty), mask=out_ok[:, None])
 
 
 @triton.jit
-def _combine_splits_kernel(
-    OUT, M_PART, L_PART, ACC_PART, num_splits, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, SPLITS_POW2: tl.constexpr, USE_PDL: tl.constexpr,
-):
-    pdl_entry(USE_PDL)
-    # One program per (token, query head): rescale each split's partial sums to the common max and add them.
-    t = tl.program_id(0)
-    h = tl.program_id(1)
-    part = (t * tl.num_programs(1) + h) * num_splits + tl.arange(0, SPLITS_POW2)
-    ok = tl.arange(0, SPLITS_POW2) < num_splits
+def _block_of(TABLE_ROW, tile, tile_end, table_width, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """The cache block holding key tile ``tile`` of a sequence; 0, not loaded, from ``tile_end`` or past the
+    table's width (the tile's keys are masked then)."""
+    col = tile * BLOCK_N // BLOCK_SIZE
+    return tl.load(TABLE_ROW + col, mask=(tile < tile_end) & (col < table_width), other=0).to(tl.int64)
+
+
+@triton.jit
+def _merge_splits(m_i, l_i, acc, row_ok, part_row, split, num_splits, M_PART, L_PART, ACC_PART, TICKET,
+                  HEAD_DIM: tl.constexpr, SPLITS_POW2: tl.constexpr):
+    """Flash-decoding's reduce without a second kernel: each split publishes its (max, sum, acc) rows and takes a
+    ticket; the last to arrive merges every split's partials, in split order whoever it is (so the result does not
+    depend on the arrival order), and re-arms the ticket for the next launch. Returns the merged rows and the mask
+    of rows to store (none but the last arriver's)."""
+    part = part_row * num_splits
     d = tl.arange(0, HEAD_DIM)
-    m = tl.load(M_PART + part, mask=ok, other=-1e30)
-    l_part = tl.load(L_PART + part, mask=ok, other=0.0)
-    acc = tl.load(ACC_PART + part[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None], other=0.0)
-    w = tl.exp2(m - tl.max(m, 0))
-    l_sum = tl.sum(w * l_part, 0)
-    out = tl.sum(w[:, None] * acc, 0) / tl.where(l_sum == 0.0, 1.0, l_sum)
-    tl.store(OUT + t * stride_ot + h * stride_oh + d, out.to(OUT.dtype.element_ty))
+    tl.store(M_PART + part + split, m_i, mask=row_ok)
+    tl.store(L_PART + part + split, l_i, mask=row_ok)
+    tl.store(ACC_PART + (part + split)[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None])
+    # All threads' stores before the ticket: bar.sync, then the atomic's release (GPU scope).
+    tl.debug_barrier()
+    ticket = tl.atomic_add(TICKET, 1, sem="acq_rel")
+    tl.debug_barrier()  # the acquire (one thread) before any thread's loads
+    is_last = ticket == num_splits - 1
+    merge = tl.where(is_last, row_ok, False)
+    m_i = tl.full(m_i.shape, -1e30, tl.float32)
+    l_i = tl.zeros_like(l_i)
+    acc = tl.zeros_like(acc)
+    for s in tl.static_range(SPLITS_POW2):
+        ok = merge & (num_splits > s)
+        # .cg: the other programs' partials are in L2; this SM's L1 may hold none or stale lines.
+        m_s = tl.load(M_PART + part + s, mask=ok, other=-1e30, cache_modifier=".cg")
+        l_s = tl.load(L_PART + part + s, mask=ok, other=0.0, cache_modifier=".cg")
+        acc_s = tl.load(ACC_PART + (part + s)[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None], other=0.0,
+                        cache_modifier=".cg")
+        m_new = tl.maximum(m_i, m_s)
+        mine = tl.exp2(m_i - m_new)
+        theirs = tl.exp2(m_s - m_new)
+        l_i = l_i * mine + l_s * theirs
+        acc = acc * mine[:, None] + acc_s * theirs[:, None]
+        m_i = m_new
+    tl.store(TICKET, 0, mask=is_last)  # every program of this launch has taken its ticket
+    return m_i, l_i, acc, merge
 
 
 def num_splits_for(programs: int, max_tiles: int, sms: int) -> int:
@@ -308,23 +339,36 @@ def paged_attention(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_tables, 
         m_part = torch.empty((num_tokens, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
         l_part = torch.empty_like(m_part)
         acc_part = torch.empty((*m_part.shape, head_dim), dtype=torch.float32, device=q.device)
+        tickets = _tickets(q.device, programs * num_kv_heads)
     else:
-        m_part = l_part = acc_part = out  # unused
+        m_part = l_part = acc_part = tickets = out  # unused
     _paged_attention_kernel[(programs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, out, m_part, l_part, acc_part,
+        q, k_cache, v_cache, out, m_part, l_part, acc_part, tickets,
         cu_seqlens_q, seqlens_k, block_tables,
-        num_seqs, num_splits, scale * LOG2E,
+        num_seqs, num_splits, block_tables.shape[1], scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        DECODE=decode, SPLIT=num_splits > 1, num_warps=8 if block_m >= 128 else 4, **pdl_launch(q),
+        DECODE=decode, SPLITS_POW2=triton.next_power_of_2(num_splits), num_warps=8 if block_m >= 128 else 4,
+        **pdl_launch(q),
     )
-    if num_splits > 1:
-        _combine_splits_kernel[(num_tokens, num_q_heads)](
-            out, m_part, l_part, acc_part, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, SPLITS_POW2=triton.next_power_of_2(num_splits), **pdl_launch(q),
-        )
     return out
+
+
+_TICKETS = {}  # device -> the split tickets' buffers, newest last
+
+
+def _tickets(device: torch.device, count: int) -> torch.Tensor:
+    """``count`` int32 split tickets, zeroed once and re-armed by the kernel. Launches on one stream share them
+    (each launch's last split leaves them at 0). A buffer is never freed, since CUDA graphs captured with it
+    replay with it; a larger one is allocated beside it when a call needs more, which a capture cannot do."""
+    buffers = _TICKETS.setdefault(device, [])
+    if not buffers or buffers[-1].numel() < count:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"paged_attention: {count} split tickets needed inside a CUDA-graph capture; make "
+                               "the same call once before capturing")
+        buffers.append(torch.zeros(max(count, 1024), dtype=torch.int32, device=device))
+    return buffers[-1]
 
 
 def _check_cache(op, k_cache, v_cache):

@@ -12,6 +12,7 @@ from tests.kernel_testing import rerun_in_interpreter, select_interpreter
 select_interpreter()
 
 from kernels.paged_attention import (  # noqa: E402
+    _TICKETS,
     paged_attention,
     paged_attention_ref,
     store_kvcache,
@@ -107,6 +108,15 @@ def test_decode_split_along_keys(heads, num_splits):
     # 7 splits leave some empty for the short contexts: their partials must drop out of the merge.
     batch = make_batch(DECODE_CONTEXTS + [(1, 100)], *heads, torch.float32)
     check(batch, decode=True, num_splits=num_splits, **TOLERANCE[torch.float32])
+
+
+@cpu
+def test_split_merge_rearms_its_tickets():
+    # The last split to finish merges and zeroes its ticket: a second launch on the same tickets gives the same bits.
+    batch = make_batch(DECODE_CONTEXTS + [(1, 100)], 4, 2, 16, torch.float32)
+    first = paged_attention(**batch, scale=scale_of(batch), decode=True, num_splits=5)
+    assert all(not t.any() for t in _TICKETS[first.device])
+    assert torch.equal(paged_attention(**batch, scale=scale_of(batch), decode=True, num_splits=5), first)
 
 
 @DTYPES

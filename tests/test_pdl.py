@@ -52,13 +52,13 @@ GEMVS = {
                         COS_SIN="*fp32", QW=BF16, KW=BF16, PARTIALS="*fp32", SUMSQ="*fp32", TICKETS="*i32"), 8, 1),
 }
 # (kernel, constexprs, pointer types, num_warps) of the kernels that wait before any load.
+# Decode attention (split, so with the in-kernel merge) reads the step's index inputs before it waits: the
+# sequence's key count and its first cache block, both 4-byte loads.
+ATTENTION = (pa._paged_attention_kernel,
+             dict(GROUP=2, HEAD_DIM=128, BLOCK_SIZE=256, BLOCK_M=16, BLOCK_N=64, DECODE=True, SPLITS_POW2=32),
+             dict(Q=BF16, KC=BF16, VC=BF16, OUT=BF16, M_PART="*fp32", L_PART="*fp32", ACC_PART="*fp32",
+                  TICKETS="*i32", CU_Q="*i32", SEQLENS_K="*i32", BLOCK_TABLES="*i32"), 4)
 WAIT_FIRST = {
-    "decode_attention": (pa._paged_attention_kernel,
-                         dict(GROUP=2, HEAD_DIM=128, BLOCK_SIZE=256, BLOCK_M=16, BLOCK_N=64, DECODE=True, SPLIT=True),
-                         dict(Q=BF16, KC=BF16, VC=BF16, OUT=BF16, M_PART="*fp32", L_PART="*fp32", ACC_PART="*fp32",
-                              CU_Q="*i32", SEQLENS_K="*i32", BLOCK_TABLES="*i32"), 4),
-    "combine_splits": (pa._combine_splits_kernel, dict(HEAD_DIM=128, SPLITS_POW2=32),
-                       dict(OUT=BF16, M_PART="*fp32", L_PART="*fp32", ACC_PART="*fp32"), 4),
     "gumbel_argmax": (sampling._gumbel_argmax_kernel, dict(BLOCK_V=sampling.BLOCK_V, SPLIT=True),
                       dict(LOGITS="*fp32", TEMPERATURES="*fp32", KEYS="*i64", OUT="*i64", PART_SCORE="*fp64",
                            PART_TOKEN="*i64"), 8),
@@ -172,6 +172,19 @@ def test_ptx_kernel_waits_before_any_load(name, tmp_path):
     assert sass is None or not SASS_LOAD.findall(sass)
 
 
+@compiles_here
+@pytest.mark.slow
+def test_ptx_decode_attention_reads_only_its_index_inputs_before_waiting(tmp_path):
+    kernel, constexprs, pointers, num_warps = ATTENTION
+    plain, _ = compile_for_sm90(kernel, {**constexprs, "USE_PDL": False}, pointers, num_warps)
+    assert "griddepcontrol" not in plain
+    ptx, cubin = compile_for_sm90(kernel, {**constexprs, "USE_PDL": True}, pointers, num_warps)
+    loads = PTX_LOAD.findall(before_wait(ptx))
+    assert [ptx_load_bytes(i) for i in loads] == [4, 4], loads
+    sass = sass_before_wait(cubin, tmp_path)
+    assert sass is None or [sass_load_bytes(i) for i in SASS_LOAD.findall(sass)] == [4, 4]
+
+
 def test_compile_checks_in_fresh_process():
     if not guard.INTERPRET or not guard.HAVE_TRITON:
         pytest.skip("the compile checks run in this process" if guard.HAVE_TRITON else "no Triton")
@@ -202,7 +215,7 @@ def test_pdl_switch():
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_engine_tokens_and_logits_do_not_depend_on_pdl(dtype):
     """fusion="full" under CUDA graphs: batch 1 replays the all-Triton graph at one row (embedding, split-K
-    qkv, attention and its combine, the GEMVs, lm_head), batch 3 a graph of more rows. The same greedy
+    qkv, attention, the GEMVs, lm_head), batch 3 a graph of more rows. The same greedy
     tokens either way, and logits within the dtype's tolerance: compiled, the GEMV's peeled first K step
     can round an element one ulp apart (kernels.guard)."""
     if not guard.PDL_ALLOWED:
