@@ -167,7 +167,9 @@ def _paged_attention_kernel(
         q_len = tl.load(CU_Q + seq + 1) - q_start
         q_block = tl.program_id(0) - (q_start // BLOCK_Q + seq)
     k_len = tl.load(SEQLENS_K + seq)
-    block = _block_of(BLOCK_TABLES + seq * stride_bt, split, split + 1, table_width, BLOCK_N, BLOCK_SIZE)
+    table_row = BLOCK_TABLES + seq * stride_bt
+    first_col = split * BLOCK_N // BLOCK_SIZE
+    first_block = tl.load(table_row + first_col, mask=first_col < table_width, other=0)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
     if not DECODE:
@@ -183,27 +185,29 @@ def _paged_attention_kernel(
     q = tl.load(Q + (q_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
                 mask=row_ok[:, None], other=0.0)
 
-    # The block's last token sees the most keys.
+    # The block's last token sees the most keys. Never more splits than tiles: a short context's tiles go one
+    # to a split, and only those splits are merged.
     kv_end = k_len - q_len + tl.minimum((q_block + 1) * BLOCK_Q, q_len)
     num_tiles = tl.cdiv(kv_end, BLOCK_N)
+    splits = tl.maximum(tl.minimum(num_splits, num_tiles), 1)
 
     # The running max starts finite so that a row with no visible key yet gets p = 0, not exp(-inf + inf) = NaN.
     m_i = tl.full([BLOCK_M], -1e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     n = tl.arange(0, BLOCK_N)
-    for tile in range(split, num_tiles, num_splits):
+    for tile in range(split, num_tiles, splits):
         key = tile * BLOCK_N + n
+        # The first tile's block came with k_len; the later ones load here, where the pipeliner prefetches them.
+        block = tl.load(table_row + tile * BLOCK_N // BLOCK_SIZE, mask=tile != split, other=first_block)
+        block = block.to(tl.int64)
         slot = tile * BLOCK_N % BLOCK_SIZE + n
         # Slots past the sequence's end hold stale data, maybe NaN, which 0 * NaN in p @ v would spread.
         key_ok = key < kv_end
-        # K, V and the next tile's block are all in flight before the first dot.
         k = tl.load(KC + block * stride_kcb + slot[None, :] * stride_kcs + kv_head * stride_kch + d[:, None],
                     mask=key_ok[None, :], other=0.0)
         v = tl.load(VC + block * stride_vcb + slot[:, None] * stride_vcs + kv_head * stride_vch + d[None, :],
                     mask=key_ok[:, None], other=0.0)
-        block = _block_of(BLOCK_TABLES + seq * stride_bt, tile + num_splits, num_tiles, table_width, BLOCK_N,
-                          BLOCK_SIZE)
         s = tl.dot(q, k, input_precision="ieee") * scale_log2e
         s = tl.where(key[None, :] <= q_pos[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -215,8 +219,8 @@ def _paged_attention_kernel(
 
     out_ok = row_ok
     if SPLITS_POW2 > 1:
-        m_i, l_i, acc, out_ok = _merge_splits(
-            m_i, l_i, acc, row_ok, (q_start + tok) * (GROUP * tl.num_programs(1)) + head, split, num_splits,
+        l_i, acc, out_ok = _merge_splits(
+            m_i, l_i, acc, row_ok, (q_start + tok) * (GROUP * tl.num_programs(1)) + head, split, splits, num_splits,
             M_PART, L_PART, ACC_PART, TICKETS + tl.program_id(0) * tl.num_programs(1) + kv_head,
             HEAD_DIM, SPLITS_POW2)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # a sequence with no keys (CUDA-graph padding) gives 0, not NaN
@@ -226,49 +230,44 @@ def _paged_attention_kernel(
 
 
 @triton.jit
-def _block_of(TABLE_ROW, tile, tile_end, table_width, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """The cache block holding key tile ``tile`` of a sequence; 0, not loaded, from ``tile_end`` or past the
-    table's width (the tile's keys are masked then)."""
-    col = tile * BLOCK_N // BLOCK_SIZE
-    return tl.load(TABLE_ROW + col, mask=(tile < tile_end) & (col < table_width), other=0).to(tl.int64)
-
-
-@triton.jit
-def _merge_splits(m_i, l_i, acc, row_ok, part_row, split, num_splits, M_PART, L_PART, ACC_PART, TICKET,
+def _merge_splits(m_i, l_i, acc, row_ok, part_row, split, splits, num_splits, M_PART, L_PART, ACC_PART, TICKET,
                   HEAD_DIM: tl.constexpr, SPLITS_POW2: tl.constexpr):
-    """Flash-decoding's reduce without a second kernel: each split publishes its (max, sum, acc) rows and takes a
-    ticket; the last to arrive merges every split's partials, in split order whoever it is (so the result does not
-    depend on the arrival order), and re-arms the ticket for the next launch. Returns the merged rows and the mask
-    of rows to store (none but the last arriver's)."""
+    """Flash-decoding's reduce without a second kernel: each of the ``splits`` splits that had keys publishes its
+    (max, sum, acc) rows, and every one of the launch's ``num_splits`` takes a ticket; the last to arrive merges
+    the partials, in split order whoever it is (so the result does not depend on the arrival order), and re-arms
+    the ticket for the next launch. Returns the merged (sum, acc) and the mask of rows to store (none but the last
+    arriver's)."""
     part = part_row * num_splits
     d = tl.arange(0, HEAD_DIM)
-    tl.store(M_PART + part + split, m_i, mask=row_ok)
-    tl.store(L_PART + part + split, l_i, mask=row_ok)
-    tl.store(ACC_PART + (part + split)[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None])
+    mine = tl.where(split < splits, row_ok, False)  # not row_ok & scalar: int32, not a mask, when interpreted
+    tl.store(M_PART + part + split, m_i, mask=mine)
+    tl.store(L_PART + part + split, l_i, mask=mine)
+    tl.store(ACC_PART + (part + split)[:, None] * HEAD_DIM + d[None, :], acc, mask=mine[:, None])
     # All threads' stores before the ticket: bar.sync, then the atomic's release (GPU scope).
     tl.debug_barrier()
     ticket = tl.atomic_add(TICKET, 1, sem="acq_rel")
     tl.debug_barrier()  # the acquire (one thread) before any thread's loads
-    is_last = ticket == num_splits - 1
-    merge = tl.where(is_last, row_ok, False)
-    m_i = tl.full(m_i.shape, -1e30, tl.float32)
-    l_i = tl.zeros_like(l_i)
+    merge = tl.where(ticket == num_splits - 1, row_ok, False)
+    # .cg: the other programs' partials are in L2; this SM's L1 may hold none or stale lines. Every split's max
+    # and sum come in one load; each split's max is loaded again beside its acc, broadcast over the head (the
+    # same word for the whole row), so that no layout conversion, which would wait for the load, sits between
+    # the splits' loads: they all issue together.
+    s_all = tl.arange(0, SPLITS_POW2)[:, None]
+    ok_all = merge[None, :] & (s_all < splits)
+    m_all = tl.load(M_PART + part[None, :] + s_all, mask=ok_all, other=-1e30, cache_modifier=".cg")
+    l_all = tl.load(L_PART + part[None, :] + s_all, mask=ok_all, other=0.0, cache_modifier=".cg")
+    m_max = tl.max(m_all, 0)
+    l_i = tl.sum(tl.exp2(m_all - m_max[None, :]) * l_all, 0)
+    m_max = m_max[:, None]
     acc = tl.zeros_like(acc)
     for s in tl.static_range(SPLITS_POW2):
-        ok = merge & (num_splits > s)
-        # .cg: the other programs' partials are in L2; this SM's L1 may hold none or stale lines.
-        m_s = tl.load(M_PART + part + s, mask=ok, other=-1e30, cache_modifier=".cg")
-        l_s = tl.load(L_PART + part + s, mask=ok, other=0.0, cache_modifier=".cg")
-        acc_s = tl.load(ACC_PART + (part + s)[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None], other=0.0,
-                        cache_modifier=".cg")
-        m_new = tl.maximum(m_i, m_s)
-        mine = tl.exp2(m_i - m_new)
-        theirs = tl.exp2(m_s - m_new)
-        l_i = l_i * mine + l_s * theirs
-        acc = acc * mine[:, None] + acc_s * theirs[:, None]
-        m_i = m_new
-    tl.store(TICKET, 0, mask=is_last)  # every program of this launch has taken its ticket
-    return m_i, l_i, acc, merge
+        ok = tl.where(splits > s, merge, False)[:, None] & (d[None, :] < HEAD_DIM)
+        at = (part + s)[:, None]
+        m_s = tl.load(M_PART + at + 0 * d[None, :], mask=ok, other=-1e30, cache_modifier=".cg")
+        acc_s = tl.load(ACC_PART + at * HEAD_DIM + d[None, :], mask=ok, other=0.0, cache_modifier=".cg")
+        acc += acc_s * tl.exp2(m_s - m_max)
+    tl.store(TICKET, 0, mask=ticket == num_splits - 1)  # every program of this launch has taken its ticket
+    return l_i, acc, merge
 
 
 def num_splits_for(programs: int, max_tiles: int, sms: int) -> int:
