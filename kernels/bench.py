@@ -562,28 +562,28 @@ def sweep(rep, models):
 
 
 def print_table(rows):
-    us = {(r["model"], r["op"], r["M"], r["impl"]): r["us_median"] for r in rows}
+    us = {(r["model"], r["op"], r["M"], r["N"], r["impl"]): r["us_median"] for r in rows}
     keys = list(dict.fromkeys((r["model"], r["op"], r["M"], r["N"], r["K"], r["floor_us"])
                               for r in rows if r["impl"] == "fused" and r["op"] != "sampler"
-                              and (r["model"], r["op"], r["M"], "eager_unfused") in us))
+                              and (r["model"], r["op"], r["M"], r["N"], "eager_unfused") in us))
     print(f"\n{'model':<11}{'op':<8}{'M':>6}{'N':>8}{'K':>6}{'floor':>9}{'fused':>9}{'cublas':>9}"
           f"{'eager':>9}{'compiled':>9}{'fused/cublas':>13}{'fused/compiled':>15}{'full':>9}{'nl_chain':>9}"
           + "".join(f"{p:>9}" for p in rl.PATHS) + "".join(f"{'full_' + p[:4]:>10}" for p in QKV_PATHS) + "   (us)")
     for model, op, M, N, K, floor in keys:
-        t = [us[(model, op, M, impl)] for impl in ("fused", "cublas_linear_only", "eager_unfused", "compiled_unfused")]
-        full = [us.get((model, op, M, impl)) for impl in ("full", "norm_linear_chain")]
+        t = [us[(model, op, M, N, impl)] for impl in ("fused", "cublas_linear_only", "eager_unfused", "compiled_unfused")]
+        full = [us.get((model, op, M, N, impl)) for impl in ("full", "norm_linear_chain")]
         print(f"{model:<11}{op:<8}{M:>6}{N:>8}{K:>6}{floor:>9.2f}" + "".join(f"{v:>9.2f}" for v in t)
               + f"{t[0] / t[1]:>13.2f}{t[0] / t[3]:>15.2f}"
               + "".join(f"{v:>9.2f}" if v is not None else f"{'-':>9}" for v in full)
               + "".join(f"{v:>9.2f}" if v is not None else f"{'-':>9}"
-                        for v in (us.get((model, op, M, PATH_IMPL[p])) for p in rl.PATHS))
+                        for v in (us.get((model, op, M, N, PATH_IMPL[p])) for p in rl.PATHS))
               + "".join(f"{v:>10.2f}" if v is not None else f"{'-':>10}"
-                        for v in (us.get((model, op, M, f"full_{p}")) for p in QKV_PATHS)))
+                        for v in (us.get((model, op, M, N, f"full_{p}")) for p in QKV_PATHS)))
     print(f"\n{'model':<11}{'linear':<8}{'M':>6}{'N':>8}{'K':>6}{'floor':>9}{'fused':>9}{'gemv':>9}{'cublas':>9}"
           "   (us)")
     for r in rows:
-        if r["impl"] == "fused" and (r["model"], r["op"], r["M"], "eager_unfused") not in us:
-            t = [us.get((r["model"], r["op"], r["M"], impl)) for impl in ("fused", "fused_gemv", "cublas_linear_only")]
+        if r["impl"] == "fused" and (r["model"], r["op"], r["M"], r["N"], "eager_unfused") not in us:
+            t = [us.get((r["model"], r["op"], r["M"], r["N"], impl)) for impl in ("fused", "fused_gemv", "cublas_linear_only")]
             print(f"{r['model']:<11}{r['op']:<8}{r['M']:>6}{r['N']:>8}{r['K']:>6}{r['floor_us']:>9.2f}"
                   + "".join(f"{v:>9.2f}" if v is not None else f"{'-':>9}" for v in t))
 
