@@ -570,7 +570,8 @@ def print_table(rows):
           f"{'eager':>9}{'compiled':>9}{'fused/cublas':>13}{'fused/compiled':>15}{'full':>9}{'nl_chain':>9}"
           + "".join(f"{p:>9}" for p in rl.PATHS) + "".join(f"{'full_' + p[:4]:>10}" for p in QKV_PATHS) + "   (us)")
     for model, op, M, N, K, floor in keys:
-        t = [us[(model, op, M, N, impl)] for impl in ("fused", "cublas_linear_only", "eager_unfused", "compiled_unfused")]
+        t = [us[(model, op, M, N, impl)]
+             for impl in ("fused", "cublas_linear_only", "eager_unfused", "compiled_unfused")]
         full = [us.get((model, op, M, N, impl)) for impl in ("full", "norm_linear_chain")]
         print(f"{model:<11}{op:<8}{M:>6}{N:>8}{K:>6}{floor:>9.2f}" + "".join(f"{v:>9.2f}" for v in t)
               + f"{t[0] / t[1]:>13.2f}{t[0] / t[3]:>15.2f}"
@@ -583,7 +584,8 @@ def print_table(rows):
           "   (us)")
     for r in rows:
         if r["impl"] == "fused" and (r["model"], r["op"], r["M"], r["N"], "eager_unfused") not in us:
-            t = [us.get((r["model"], r["op"], r["M"], r["N"], impl)) for impl in ("fused", "fused_gemv", "cublas_linear_only")]
+            t = [us.get((r["model"], r["op"], r["M"], r["N"], impl))
+                 for impl in ("fused", "fused_gemv", "cublas_linear_only")]
             print(f"{r['model']:<11}{r['op']:<8}{r['M']:>6}{r['N']:>8}{r['K']:>6}{r['floor_us']:>9.2f}"
                   + "".join(f"{v:>9.2f}" if v is not None else f"{'-':>9}" for v in t))
 
@@ -654,7 +656,7 @@ def main(argv=None):
             save()
     if args.pdl:
         if not PDL_ALLOWED:
-            raise SystemExit("--pdl needs KERNELS_PDL=1 in the environment (PDL is opt-in: kernels.guard)")
+            raise SystemExit("--pdl, but KERNELS_PDL=0 in the environment turns PDL off (kernels.guard)")
         rows += bench_pdl(rep)
         save()
     print_table(rows)

@@ -12,13 +12,14 @@ weights are never written). Each kernel's launch and prologue then run under its
 ``pdl_launch`` gives a wrapper the launch arguments; ``pdl(False)`` turns it off for a block of code
 (the engine's ``Config.pdl``).
 
-``KERNELS_PDL_TRIGGER=after_loop`` moves the GEMVs' ``gdc_launch_dependents`` from entry to after their
-K loop (``USE_PDL`` 2 instead of 1; the other kernels, short, trigger on entry either way): launched on
-entry, a GEMV's successor occupies SM slots, waiting, for the whole of its predecessor's last wave.
+The GEMVs trigger their successor's launch after their K loop (``USE_PDL`` 2; ``KERNELS_PDL_TRIGGER=entry``:
+on entry, 1; the other kernels, short, trigger on entry either way): launched on entry, a GEMV's successor
+occupies SM slots, waiting, for the whole of its predecessor's last wave.
 
-PDL is off unless ``KERNELS_PDL=1`` is in the environment, because it did not pay on the H200: the
-engine's batch-1 decode step was 2.7 % faster with it at Qwen3-0.6B's shape and 2.3 % slower at
-Llama-3.2-1B's (kernels/NOTES.md, run 7). It computes what the plain kernels compute: under the
+PDL is on by default (``KERNELS_PDL=0`` in the environment turns it off for the process). Run 7 found it no
+faster on the H200 (+2.7 % at Qwen3-0.6B's batch-1 step, -2.3 % at Llama-3.2-1B's); once each GEMV kept its
+weight tiles in flight from entry (run 9), it cut the H100's batch-1 step by 12.5 % with the after-loop trigger
+and 9.7 % with the entry one (kernels/NOTES.md, run 10). It computes what the plain kernels compute: under the
 interpreter the same bits; compiled, the GEMV's peeled first K step rounds a rare output element one
 bf16 ulp apart (a dependent chain of random GEMVs amplifies that, as it does any rounding).
 """
@@ -54,9 +55,9 @@ INTERPRET = HAVE_TRITON and os.environ.get("TRITON_INTERPRET", "0").lower() in (
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-PDL_ALLOWED = os.environ.get("KERNELS_PDL", "0") == "1"  # opt-in: measured no faster (see above)
+PDL_ALLOWED = os.environ.get("KERNELS_PDL", "1") == "1"
 PDL_TRIGGERS = {"entry": 1, "after_loop": 2}  # the USE_PDL value of each trigger point
-PDL_TRIGGER = os.environ.get("KERNELS_PDL_TRIGGER", "entry")
+PDL_TRIGGER = os.environ.get("KERNELS_PDL_TRIGGER", "after_loop")
 if PDL_TRIGGER not in PDL_TRIGGERS:
     raise ValueError(f"KERNELS_PDL_TRIGGER={PDL_TRIGGER!r}; choose one of {sorted(PDL_TRIGGERS)}")
 # A context variable, not a global: an engine's setting holds in its own thread only.

@@ -197,8 +197,9 @@ def main(argv=None):
     parser.add_argument("--gen-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=5, help="samples per configuration")
     parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument("--pdl", default="off", choices=("on", "off", "on,off", "off,on"),
-                        help="programmatic dependent launch (Config.pdl): on, off, or both side by side (A/B)")
+    parser.add_argument("--pdl", default="on" if PDL_ALLOWED else "off", choices=("on", "off", "on,off", "off,on"),
+                        help="programmatic dependent launch (Config.pdl): on (the default unless KERNELS_PDL=0), off, "
+                             "or both side by side (A/B)")
     parser.add_argument("--async-scheduling", default="on", choices=("on", "off", "on,off", "off,on"),
                         help="generate's overlap of the host with the GPU (Config.async_scheduling): on, off, or both")
     parser.add_argument("--prefill-graphs", default="on", choices=("on", "off", "on,off", "off,on"),
@@ -216,7 +217,7 @@ def main(argv=None):
     args.async_scheduling = [v == "on" for v in args.async_scheduling.split(",")]
     args.prefill_graphs = [v == "on" for v in args.prefill_graphs.split(",")]
     if any(args.pdl) and not PDL_ALLOWED:
-        parser.error("--pdl on needs KERNELS_PDL=1 in the environment (PDL is opt-in: kernels.guard)")
+        parser.error("--pdl on, but KERNELS_PDL=0 in the environment turns PDL off (kernels.guard)")
     args.peers = [p for p in args.peers.split(",") if p]
     unknown = set(args.peers) - set(PEERS)
     if unknown:

@@ -250,8 +250,8 @@ class Config:
 
     ``pdl``: launch the Triton kernels of the decode step at one row (and the others that take it,
     ``kernels.guard``) with programmatic dependent launch where the GPU supports it (CUDA, compute
-    capability >= 9; never on CPU or under the interpreter) and the process allows it (``KERNELS_PDL=1``:
-    opt-in, as it measured no faster on the H200, kernels.guard). Each kernel's
+    capability >= 9; never on CPU or under the interpreter) and the process allows it (unless ``KERNELS_PDL=0``,
+    kernels.guard). Each kernel's
     launch and first weight loads then overlap its predecessor's tail. False launches them one after
     another, for A/B benchmarks.
     """

@@ -196,7 +196,8 @@ def test_compile_checks_in_fresh_process():
 
 
 def test_pdl_switch():
-    """Off on CPU; on a GPU of compute capability >= 9 on with KERNELS_PDL=1 (opt-in) unless ``guard.pdl(False)``."""
+    """Off on CPU; on a GPU of compute capability >= 9 on (unless KERNELS_PDL=0) unless ``guard.pdl(False)``, with the
+    trigger point ``KERNELS_PDL_TRIGGER`` names."""
     assert guard.pdl_launch(torch.empty(0)) == {"USE_PDL": False}
     if not torch.cuda.is_available():
         return
@@ -204,7 +205,8 @@ def test_pdl_switch():
     supported = (guard.PDL_ALLOWED and not guard.INTERPRET and torch.version.hip is None
                  and torch.cuda.get_device_capability()[0] >= 9)
     assert guard.pdl_enabled(t) == supported
-    assert guard.pdl_launch(t) == ({"USE_PDL": True, "launch_pdl": True} if supported else {"USE_PDL": False})
+    assert guard.pdl_launch(t) == ({"USE_PDL": guard.PDL_TRIGGERS[guard.PDL_TRIGGER], "launch_pdl": True} if supported
+                                   else {"USE_PDL": False})
     assert guard.pdl_launch(t, wanted=False) == {"USE_PDL": False}
     with guard.pdl(False):
         assert not guard.pdl_enabled(t)
@@ -219,7 +221,7 @@ def test_engine_tokens_and_logits_do_not_depend_on_pdl(dtype):
     tokens either way, and logits within the dtype's tolerance: compiled, the GEMV's peeled first K step
     can round an element one ulp apart (kernels.guard)."""
     if not guard.PDL_ALLOWED:
-        pytest.skip("PDL is opt-in (KERNELS_PDL=1): without it both engines run without PDL")
+        pytest.skip("KERNELS_PDL=0: both engines would run without PDL")
     prompts = random_prompts([7, 30, 65], seed=3)
     runs = {}
     for pdl in (False, True):
