@@ -43,7 +43,7 @@ from minivllm.layers.sampler import Sampler
 # Ops that are one kernel launch on the GPU (a CPU run counts each such call once).
 KERNEL_LIKE = {"norm", "fused_norm_linear", "kv_store", "attention"}
 NAME_RULES = [("fused_norm_linear", "rmsnorm_linear|rmsnorm_qkv"), ("norm", "rmsnorm"),
-              ("attention", "attention|combine_splits"), ("kv_store", "kvcache"),
+              ("attention", "attention"), ("kv_store", "kvcache"),
               ("gemm", "gemm|gemv|nvjet|cutlass|xmma|cublas|aten::linear|aten::mm|aten::addmm"),
               ("rope", "rotary|rope"), ("activation", "silu|gelu"),
               ("elementwise", "elementwise|aten::(mul|add|sub|cat|copy_|to|div|pow|mean|rsqrt|neg)")]
