@@ -247,7 +247,8 @@ def _merge_splits(m_i, l_i, acc, row_ok, part_row, split, splits, num_splits, M_
     tl.debug_barrier()
     ticket = tl.atomic_add(TICKET, 1, sem="acq_rel")
     tl.debug_barrier()  # the acquire (one thread) before any thread's loads
-    merge = tl.where(ticket == num_splits - 1, row_ok, False)
+    is_last = ticket == num_splits - 1
+    merge = tl.where(is_last, row_ok, False)
     # .cg: the other programs' partials are in L2; this SM's L1 may hold none or stale lines. Every split's max
     # and sum come in one load; each split's max is loaded again beside its acc, broadcast over the head (the
     # same word for the whole row), so that no layout conversion, which would wait for the load, sits between
@@ -261,12 +262,12 @@ def _merge_splits(m_i, l_i, acc, row_ok, part_row, split, splits, num_splits, M_
     m_max = m_max[:, None]
     acc = tl.zeros_like(acc)
     for s in tl.static_range(SPLITS_POW2):
-        ok = tl.where(splits > s, merge, False)[:, None] & (d[None, :] < HEAD_DIM)
+        ok = tl.where(splits > s, merge, False)[:, None]
         at = (part + s)[:, None]
         m_s = tl.load(M_PART + at + 0 * d[None, :], mask=ok, other=-1e30, cache_modifier=".cg")
         acc_s = tl.load(ACC_PART + at * HEAD_DIM + d[None, :], mask=ok, other=0.0, cache_modifier=".cg")
         acc += acc_s * tl.exp2(m_s - m_max)
-    tl.store(TICKET, 0, mask=ticket == num_splits - 1)  # every program of this launch has taken its ticket
+    tl.store(TICKET, 0, mask=is_last)  # every program of this launch has taken its ticket
     return l_i, acc, merge
 
 

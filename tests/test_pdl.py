@@ -185,6 +185,19 @@ def test_ptx_decode_attention_reads_only_its_index_inputs_before_waiting(tmp_pat
     assert sass is None or [sass_load_bytes(i) for i in SASS_LOAD.findall(sass)] == [4, 4]
 
 
+@compiles_here
+@pytest.mark.slow
+def test_ptx_decode_attention_merge_loads_every_split_without_waiting_between_them():
+    # After the ticket, the last split reads every split's partials: one barrier (the row max's layout change)
+    # after the [splits, rows] max and sum, none between the per-split acc loads, so they issue together.
+    kernel, constexprs, pointers, num_warps = ATTENTION
+    ptx, _ = compile_for_sm90(kernel, {**constexprs, "USE_PDL": False}, pointers, num_warps)
+    merge = ptx[ptx.index("atom.global"):]
+    loads = [m.start() for m in re.finditer(r"ld\.global\.cg", merge)]
+    assert len(loads) > constexprs["SPLITS_POW2"]
+    assert merge[loads[0]:loads[-1]].count("bar.sync") <= 1
+
+
 def test_compile_checks_in_fresh_process():
     if not guard.INTERPRET or not guard.HAVE_TRITON:
         pytest.skip("the compile checks run in this process" if guard.HAVE_TRITON else "no Triton")
