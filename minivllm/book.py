@@ -230,6 +230,17 @@ def ladder(modes) -> list[str]:
     return [m for m in FUSION_MODES if m in present]
 
 
+def step_ms(res: Results, batch: int = 1, engine: str = "minivllm", pdl: bool | None = None) -> tuple:
+    """(median, fastest, slowest sample, floor) in ms of the first row of ``res`` for ``engine`` at ``batch``
+    (and with PDL on or off, where ``pdl`` says which); the floor is NaN (None if no row has one) where this row
+    has none."""
+    rows = res.rows[(res.rows.engine == engine) & (res.rows.batch_size == batch)]
+    if pdl is not None:
+        rows = rows[rows.pdl == pdl]
+    r = rows.iloc[0]
+    return r.latency_ms, min(r.samples_ms), max(r.samples_ms), r.get("floor_ms")
+
+
 def gain(base: dict, other: dict) -> tuple[float, float, float]:
     """``1 - other / base`` of two result rows' medians, and its range over their samples: the least and
     the most the gain can be if any sample of one is paired with any sample of the other."""

@@ -56,6 +56,22 @@ def test_load_results_keeps_tagged_runs_apart(tmp_path):
     assert load_results("ttft", tmp_path) is None
 
 
+def test_step_ms_picks_the_engine_batch_and_pdl_row(tmp_path):
+    from minivllm.book import load_results, step_ms
+
+    rows = [dict(engine="minivllm", batch_size=1, pdl=False, latency_ms=1.0, samples_ms=[1.0, 0.9, 1.2], floor_ms=0.4),
+            dict(engine="minivllm", batch_size=1, pdl=True, latency_ms=0.8, samples_ms=[0.8, 0.7], floor_ms=0.4),
+            dict(engine="minivllm", batch_size=8, pdl=False, latency_ms=2.0, samples_ms=[2.0], floor_ms=0.5),
+            dict(engine="nano-vllm", batch_size=1, pdl=False, latency_ms=3.0, samples_ms=[3.0, 3.5])]
+    (tmp_path / "engine_latency-gpu.json").write_text(json.dumps({"benchmark": "engine_latency", "rows": rows}))
+    res = load_results("engine_latency", tmp_path)
+    assert step_ms(res) == (1.0, 0.9, 1.2, 0.4)
+    assert step_ms(res, pdl=True) == (0.8, 0.7, 0.8, 0.4)
+    assert step_ms(res, batch=8) == (2.0, 2.0, 2.0, 0.5)
+    latency, fastest, slowest, floor = step_ms(res, engine="nano-vllm")
+    assert (latency, fastest, slowest) == (3.0, 3.0, 3.5) and floor != floor  # NaN: the peer's row has no floor
+
+
 @pytest.mark.slow
 def test_smoke_build(tmp_path):
     """The whole book in the smoke profile, executed and built with warnings as errors."""
