@@ -14,7 +14,7 @@ keep, defined below with its torch reference ``sample_ref``.
 """
 import torch
 
-from kernels.guard import check_tensors, pdl_entry, pdl_launch, sm_count, tl, triton, use_triton
+from kernels.guard import HAVE_TRITON, INTERPRET, check_tensors, pdl_entry, pdl_launch, sm_count, tl, triton, use_triton
 
 BLOCK_V = 2048
 MIN_TEMPERATURE = 1e-5  # as the reference clamps it
@@ -45,16 +45,34 @@ def _gumbel64(bits):
     return -tl.log(-tl.log(u))
 
 
+# Compiled, the float32 logs are the SFU's lg2.approx (one instruction; libdevice's logf is ~45), whose absolute
+# error is 2^-22 in log2 units; the interpreter has no inline PTX and takes tl.log.
+APPROX_LOG = tl.constexpr(not INTERPRET) if HAVE_TRITON else False
+
+
+@triton.jit
+def _log32(x):
+    if APPROX_LOG:
+        lg2 = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                        pack=1)
+        return lg2 * 0.6931471805599453
+    else:
+        return tl.log(x)
+
+
 @triton.jit
 def _gumbel32(bits):
     """-log(-log(u)), u = (bits + 0.5) / 2^32, in float32 (``_score32_error`` bounds its distance from the
-    float64 value). Where u is near 1, float32 holds too few of its digits for log(u): e = -log(u) comes
-    from t = 1 - u, formed from the integer 2^32 - bits (the series below t < 2^-7, log(1 - t) above)."""
+    float64 value), with two logs. Where u is near 1, float32 holds too few of its digits for log(u), and an
+    absolute error of the log is a large relative one of e = -log(u): there e comes from t = 1 - u, formed
+    from the integer 2^32 - bits, as log(1 - t) above t = 2^-4 and as its series below (truncated at t^4:
+    a relative error of t^4 / 5 <= 3e-6, as the log's 2^-22 * ln 2 / t is at the switch)."""
     u = (bits.to(tl.float32) + 0.5) * 2.3283064365386963e-10
     t = ((0 - bits).to(tl.float32) - 0.5) * 2.3283064365386963e-10  # 0 - bits wraps to 2^32 - bits
-    series = t + t * t * (0.5 + t * 0.3333333333333333)
-    e = tl.where(bits < 2147483648, -tl.log(u), tl.where(t < 0.0078125, series, -tl.log(1.0 - t)))
-    return -tl.log(e)
+    series = t + t * t * (0.5 + t * (0.3333333333333333 + t * 0.25))
+    low = bits < 2147483648
+    e = tl.where(low | (t >= 0.0625), -_log32(tl.where(low, u, 1.0 - t)), series)
+    return -_log32(e)
 
 
 @triton.jit
@@ -66,15 +84,16 @@ def _score32(z, bits, mask):
 
 @triton.jit
 def _score32_error(s):
-    # A bound of |float32 score - float64 score|. _gumbel32 is within about 2e-6 of the float64 noise
-    # (each step keeps a relative error near float32's, with the GPU's approximate logs, 2^-22
-    # relative): 1e-4 is 50 times that. The float32 sum z + g adds |s| * 2^-24: 2^-20 is used.
+    # A bound of |float32 score - float64 score|. _gumbel32 is within about 5e-6 of the float64 noise
+    # (e within 3e-6 relative, above; the outer log adds 2^-22 * ln 2): 1e-4 is 20 times that. The float32
+    # sum z + g adds |s| * 2^-24: 2^-20 is used. reach = s + this bound grows with s.
     return 1e-4 + tl.abs(s) * 9.5367431640625e-07
 
 
 @triton.jit
 def _gumbel_argmax_kernel(LOGITS, TEMPERATURES, KEYS, OUT, PART_SCORE, PART_TOKEN, stride_b, V, chunk, MIN_T,
-                          BLOCK_V: tl.constexpr, SPLIT: tl.constexpr, USE_PDL: tl.constexpr):
+                          BLOCK_V: tl.constexpr, BLOCKS_POW2: tl.constexpr, SPLIT: tl.constexpr,
+                          USE_PDL: tl.constexpr):
     # Program (b, s) takes row b's tokens [s * chunk, (s + 1) * chunk): one row alone would leave all
     # but one SM idle. With SPLIT its best (score, token) goes to the partials, which
     # _gumbel_argmax_combine_kernel reduces; without it (one split) straight to OUT.
@@ -101,26 +120,32 @@ def _gumbel_argmax_kernel(LOGITS, TEMPERATURES, KEYS, OUT, PART_SCORE, PART_TOKE
             best = tl.where(better, score, best)
             best_token = tl.where(better, cols.to(tl.int64), best_token)
     else:
-        # Pass 1: the split's best score in float32 (cheap: float32 logs), and the float64 floor every
-        # token that can still win must reach. Pass 2: the float64 scores (the reference's numbers) of
-        # the blocks that hold such a token only, typically one or two of the split's.
+        # One float32 pass scores every token (cheap: approximate logs) and keeps each block's best; then
+        # float64 (the reference's numbers) rescores only the blocks whose best can still reach the split's,
+        # typically one or two, in block order (so the earlier block keeps a tie, as above).
         top32 = tl.full([BLOCK_V], -float("inf"), tl.float32)
-        for block in range(start, end, BLOCK_V):
-            cols = block + lanes
-            z, bits = _scaled_logit_and_bits(LOGITS + b * stride_b, cols, end, key, t)
-            top32 = tl.maximum(top32, _score32(z, bits, cols < end))
-        best32 = tl.max(top32, axis=0)
-        floor = tl.where(best32 == float("inf"), best32, best32 - _score32_error(best32))
+        block_ids = tl.arange(0, BLOCKS_POW2)
+        block_best = tl.full([BLOCKS_POW2], -float("inf"), tl.float32)
         for block in range(start, end, BLOCK_V):
             cols = block + lanes
             z, bits = _scaled_logit_and_bits(LOGITS + b * stride_b, cols, end, key, t)
             s32 = _score32(z, bits, cols < end)
-            reach = tl.where(s32 == -float("inf"), s32, s32 + _score32_error(s32))
-            if tl.max(reach, axis=0) >= floor:
-                score = tl.where(cols < end, z.to(tl.float64) + _gumbel64(bits), -float("inf"))
-                better = score > best
-                best = tl.where(better, score, best)
-                best_token = tl.where(better, cols.to(tl.int64), best_token)
+            top32 = tl.maximum(top32, s32)
+            block_best = tl.where(block_ids == (block - start) // BLOCK_V, tl.max(s32, axis=0), block_best)
+        best32 = tl.max(top32, axis=0)
+        floor = tl.where(best32 == float("inf"), best32, best32 - _score32_error(best32))
+        reach = tl.where(block_best == -float("inf"), block_best, block_best + _score32_error(block_best))
+        pending = (block_ids < tl.cdiv(end - start, BLOCK_V)) & (reach >= floor)
+        i = tl.min(tl.where(pending, block_ids, BLOCKS_POW2), axis=0)
+        while i < BLOCKS_POW2:
+            cols = start + i * BLOCK_V + lanes
+            z, bits = _scaled_logit_and_bits(LOGITS + b * stride_b, cols, end, key, t)
+            score = tl.where(cols < end, z.to(tl.float64) + _gumbel64(bits), -float("inf"))
+            better = score > best
+            best = tl.where(better, score, best)
+            best_token = tl.where(better, cols.to(tl.int64), best_token)
+            pending = pending & (block_ids != i)
+            i = tl.min(tl.where(pending, block_ids, BLOCKS_POW2), axis=0)
     top = tl.max(best, axis=0)
     token = tl.min(tl.where(best == top, best_token, V), axis=0)
     if SPLIT:
@@ -184,6 +209,8 @@ def gumbel_argmax(logits: torch.Tensor, temperatures: torch.Tensor, noise_keys: 
     part_token = torch.empty((rows, splits), dtype=torch.int64, device=logits.device)
     _gumbel_argmax_kernel[(rows, splits)](logits, temperatures, noise_keys, out, part_score, part_token,
                                           logits.stride(0), vocab, chunk, MIN_TEMPERATURE, BLOCK_V=BLOCK_V,
+                                          # (the whole vocabulary's blocks: one compile per vocabulary, any split)
+                                          BLOCKS_POW2=triton.next_power_of_2(triton.cdiv(vocab, BLOCK_V)),
                                           SPLIT=splits > 1, num_warps=8, **pdl_launch(logits))
     if splits > 1:
         _gumbel_argmax_combine_kernel[(rows,)](part_score, part_token, out, vocab, splits,

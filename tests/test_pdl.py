@@ -59,7 +59,7 @@ ATTENTION = (pa._paged_attention_kernel,
              dict(Q=BF16, KC=BF16, VC=BF16, OUT=BF16, M_PART="*fp32", L_PART="*fp32", ACC_PART="*fp32",
                   TICKETS="*i32", CU_Q="*i32", SEQLENS_K="*i32", BLOCK_TABLES="*i32"), 4)
 WAIT_FIRST = {
-    "gumbel_argmax": (sampling._gumbel_argmax_kernel, dict(BLOCK_V=sampling.BLOCK_V, SPLIT=True),
+    "gumbel_argmax": (sampling._gumbel_argmax_kernel, dict(BLOCK_V=sampling.BLOCK_V, BLOCKS_POW2=128, SPLIT=True),
                       dict(LOGITS="*fp32", TEMPERATURES="*fp32", KEYS="*i64", OUT="*i64", PART_SCORE="*fp64",
                            PART_TOKEN="*i64"), 8),
     "gumbel_argmax_combine": (sampling._gumbel_argmax_combine_kernel, dict(SPLITS_POW2=128),
@@ -266,3 +266,14 @@ def test_gemv_chain_bench_runs_and_pdl_keeps_the_chain_s_result():
     fits = [r for r in rows if r["op"] == "pdl_fit"]
     assert {r["pdl"] for r in fits} == {False, True}
     assert all(r["fixed_us_per_kernel"] is not None and r["bandwidth_TBps"] > 0 for r in fits)
+
+
+@compiles_here
+@pytest.mark.slow
+def test_ptx_gumbel_argmax_scores_each_token_once_in_float32_with_two_hardware_logs():
+    # One float32 pass (the float64 one revisits chosen blocks only), and its two logs a token are the SFU's
+    # lg2.approx, not libdevice's ~45-instruction logf: the two changes that make the sampler cheap.
+    kernel, constexprs, pointers, num_warps = WAIT_FIRST["gumbel_argmax"]
+    ptx, _ = compile_for_sm90(kernel, {**constexprs, "USE_PDL": False}, pointers, num_warps)
+    tokens_per_thread = constexprs["BLOCK_V"] // (32 * num_warps)
+    assert ptx.count("lg2.approx.f32") == 2 * tokens_per_thread
