@@ -111,3 +111,22 @@ def test_last_token_is_never_a_cache_hit():
     bm.free(seq)
     again = Sequence(list(range(8)), SamplingParams(), seed=0)
     assert len(bm.prefix_hits(again)) == 1  # the second block holds the last token: recompute it
+
+
+def test_a_prefix_hit_leaves_the_other_free_blocks_in_least_recently_freed_order():
+    bm = BlockManager(8, BLOCK)
+    seq = Sequence(list(range(9)), SamplingParams(), seed=0)  # three blocks, two of them full
+    bm.admit(seq, bm.prefix_hits(seq))
+    bm.allocate(seq, seq.num_tokens)
+    seq.num_computed_tokens = seq.num_tokens
+    bm.register_computed_blocks(seq)
+    table = list(seq.block_table)
+    bm.free(seq)  # tail first: the prefix goes to the back of the queue
+    assert list(bm.free_block_ids) == [3, 4, 5, 6, 7] + table[::-1]
+    again = Sequence(list(range(4)) + [99, 98], SamplingParams(), seed=0)
+    hits = bm.prefix_hits(again)
+    assert hits == table[:1]
+    bm.admit(again, hits)
+    assert list(bm.free_block_ids) == [3, 4, 5, 6, 7] + table[:0:-1]
+    bm.allocate(again, again.num_tokens)
+    assert again.block_table == table[:1] + [3]  # new memory comes from the front

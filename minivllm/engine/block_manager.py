@@ -5,7 +5,7 @@ two requests that share a prefix share its blocks. A block whose last user finis
 to the back of the free queue with its hash kept: it is reused as a cache hit until the
 free queue reaches it and its memory is given to new tokens (least recently freed first).
 """
-from collections import deque
+from collections import OrderedDict
 
 from minivllm.engine.sequence import Sequence
 
@@ -27,7 +27,9 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free_block_ids: deque[int] = deque(range(num_blocks))
+        # An ordered set (keys only): a prefix hit takes its block out of the middle in O(1), where a deque's
+        # remove scans the whole pool.
+        self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.hash_to_block_id: dict[int, int] = {}
         self.peak_blocks_in_use = 0  # held by running sequences at once, since the engine started
 
@@ -67,7 +69,7 @@ class BlockManager:
         for block_id in hits:
             block = self.blocks[block_id]
             if block.ref_count == 0:
-                self.free_block_ids.remove(block_id)
+                del self.free_block_ids[block_id]
             block.ref_count += 1
             seq.block_table.append(block_id)
         self._note_peak()
@@ -77,7 +79,7 @@ class BlockManager:
     def allocate(self, seq: Sequence, num_tokens: int):
         """Grow ``seq``'s block table to cover ``num_tokens`` tokens (caller checked room)."""
         for _ in range(self.blocks_needed(seq, num_tokens)):
-            block = self.blocks[self.free_block_ids.popleft()]
+            block = self.blocks[self.free_block_ids.popitem(last=False)[0]]
             if block.hash is not None and self.hash_to_block_id.get(block.hash) == block.block_id:
                 del self.hash_to_block_id[block.hash]
             block.hash, block.token_ids, block.ref_count = None, (), 1
@@ -109,7 +111,7 @@ class BlockManager:
             block.ref_count -= 1
             assert block.ref_count >= 0, f"block {block_id} freed twice"
             if block.ref_count == 0:
-                self.free_block_ids.append(block_id)
+                self.free_block_ids[block_id] = None
         seq.block_table = []
         seq.num_computed_tokens = 0
         seq.num_hashed_blocks = 0
