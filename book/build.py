@@ -94,6 +94,19 @@ def output_problems(path: Path) -> list[str]:
     return problems
 
 
+def changed_cells(published: Path, source: Path) -> int:
+    """How many cells of the source notebook the published execution of it no longer matches (the cell papermill
+    injected aside): 0 when the published chapter is an execution of the source as it is now."""
+    import nbformat
+
+    def sources(path, skip_injected):
+        nb = nbformat.read(path, as_version=4)
+        return [c.source for c in nb.cells
+                if not (skip_injected and "injected-parameters" in c.metadata.get("tags", []))]
+    old, new = sources(published, True), sources(source, False)
+    return sum(a != b for a, b in zip(old, new)) + abs(len(old) - len(new))
+
+
 def tidy(path: Path):
     """In the HTML, fold the parameters cell away and drop the cell papermill injected (the
     banner each chapter prints says which profile and device ran)."""
@@ -184,8 +197,14 @@ def main(argv=None) -> int:
     stage(published)
     for nb in chapters:
         shutil.copy2(nb, published / "book" / nb.name)
-        for problem in output_problems(nb):  # only a GPU publish rewrites them: say so, do not fail here
+        # Only a GPU publish rewrites them: say so, do not fail here.
+        for problem in output_problems(nb):
             print(f"note: the published {nb.name} shows a problem (republish on a GPU): {problem}")
+        source = ROOT / "notebooks" / nb.name
+        changed = changed_cells(nb, source) if source.exists() else 0
+        if changed:
+            print(f"note: the published {nb.name} is an execution of an older source ({changed} cell"
+                  f"{'s have' if changed > 1 else ' has'} changed since): republish on a GPU")
     return 0 if build_html(prune_toc(published, "the published edition"), ROOT) else 1
 
 

@@ -109,6 +109,28 @@ def test_build_rejects_chapters_that_print_rerun_notes_or_tracebacks(tmp_path):
     assert problems(v4.new_output("error", ename="ValueError", evalue="bad", traceback=[]))
 
 
+def test_build_names_published_chapters_executed_from_an_older_source(tmp_path):
+    sys.path.insert(0, str(ROOT / "book"))
+    try:
+        from build import changed_cells
+    finally:
+        sys.path.remove(str(ROOT / "book"))
+    v4 = nbformat.v4
+    source = v4.new_notebook(cells=[v4.new_markdown_cell("# 1. t"), v4.new_code_cell("profile = 'auto'"),
+                                    v4.new_code_cell("x = 1")])
+    published = v4.new_notebook(cells=[source.cells[0], source.cells[1], v4.new_code_cell("profile = 'full'"),
+                                       v4.new_code_cell("x = 1")])
+    published.cells[2].metadata["tags"] = ["injected-parameters"]  # papermill's: not a change of the source
+    paths = {name: tmp_path / f"{name}.ipynb" for name in ("source", "published")}
+    for name, nb in (("source", source), ("published", published)):
+        nbformat.write(nb, paths[name])
+    assert changed_cells(paths["published"], paths["source"]) == 0
+    source.cells[0].source = "# 1. A new title"
+    source.cells.append(v4.new_markdown_cell("a new section"))
+    nbformat.write(source, paths["source"])
+    assert changed_cells(paths["published"], paths["source"]) == 2
+
+
 def test_no_source_points_readers_at_files_outside_the_repository():
     """The book's own pages and chapter sources name no file a reader cannot find."""
     banned = re.compile(r"BENCHMARKS\.md|(?<!data/)anchors/h100|environment notes|the issue'?s?\b|shared/")
