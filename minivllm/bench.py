@@ -26,7 +26,7 @@ import torch
 from kernels.guard import PDL_ALLOWED, PDL_TRIGGER, autotuned_configs
 from minivllm import LLM, SamplingParams, workloads
 from minivllm.config import FUSION_MODES
-from minivllm.costs import decode_floor_ms, measure_ceilings, throughput_floor_s
+from minivllm.costs import decode_floor_ms, measure_ceilings, throughput_floor_parts_s
 from minivllm.results import write_result
 
 PEERS = ("nano-vllm", "hf", "hf_compiled")
@@ -78,7 +78,9 @@ def memory_fields(llm: LLM) -> dict:
 
 
 def throughput(args, ceilings, emit):
-    """Workload 1: nano-vLLM's benchmark; ``latency_ms`` is the median wall time of ``generate``."""
+    """Workload 1: nano-vLLM's benchmark; ``latency_ms`` is the median wall time of ``generate``. With
+    ``--profile-run`` one more ``generate``, under the profiler, splits the GPU's time by kernel category
+    (``run_profile``: its wall time is the profiler's, not the timed runs')."""
     requests = workloads.throughput_requests(args.num_seqs)
     prompts = [r.prompt_token_ids for r in requests]
     params = [SamplingParams(temperature=r.temperature, ignore_eos=r.ignore_eos, max_tokens=r.max_tokens)
@@ -89,14 +91,24 @@ def throughput(args, ceilings, emit):
         llm.generate(["Benchmark warm-up"], SamplingParams(max_tokens=8), use_tqdm=False)
         torch.cuda.reset_peak_memory_stats()
         s = stats([1e3 * timed_generate(llm, prompts, params) for _ in range(args.reps)])
-        floor_s = throughput_floor_s(cfg, itemsize, [len(p) for p in prompts], [r.max_tokens for r in requests], tp,
-                                     ceilings["copy_bytes_per_s"])
+        floor = throughput_floor_parts_s(cfg, itemsize, [len(p) for p in prompts], [r.max_tokens for r in requests],
+                                         tp, ceilings["copy_bytes_per_s"])
+        floor_s = sum(floor.values())
+        profiled = {}
+        if args.profile_run:
+            from torch.profiler import ProfilerActivity, profile
+
+            from minivllm.profile import gpu_time_by_category
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                wall_s = timed_generate(llm, prompts, params)
+            profiled = dict(run_profile=dict(gpu_time_by_category(prof), wall_s=wall_s))
         emit(dict(base_row(llm, args, "throughput"), batch_size=len(requests), seq_len=None,
                   output_tokens=out_tokens, **s, seconds=s["latency_ms"] / 1e3,
                   throughput_tokens_per_sec=1e3 * out_tokens / s["latency_ms"],
                   throughput_samples=[1e3 * out_tokens / t for t in s["samples_ms"]],
-                  floor_s=floor_s, floor_tokens_per_sec=out_tokens / floor_s,
-                  **memory_fields(llm), preemptions=llm.scheduler.num_preemptions))
+                  floor_s=floor_s, floor_weights_s=floor["weights"], floor_kv_s=floor["kv"],
+                  floor_tokens_per_sec=out_tokens / floor_s,
+                  **memory_fields(llm), preemptions=llm.scheduler.num_preemptions, **profiled))
 
 
 def latency(args, ceilings, emit):
@@ -204,6 +216,8 @@ def main(argv=None):
                         help="generate's overlap of the host with the GPU (Config.async_scheduling): on, off, or both")
     parser.add_argument("--prefill-graphs", default="on", choices=("on", "off", "on,off", "off,on"),
                         help="small prefill steps replayed from padded graphs (Config.prefill_graphs): on, off or both")
+    parser.add_argument("--profile-run", action="store_true",
+                        help="throughput: one more run under the profiler, its GPU time by kernel category")
     parser.add_argument("--out", default="data/results")
     parser.add_argument("--tag", default="", help="suffix for the result file's benchmark name")
     args = parser.parse_args(argv)

@@ -64,14 +64,16 @@ def decode_floor_ms(cfg: ModelConfig, itemsize: int, batch: int, context: int, t
     return 1e3 * step_bytes / tensor_parallel_size / bandwidth
 
 
-def throughput_floor_s(cfg: ModelConfig, itemsize: int, prompt_lens: list[int], max_tokens: list[int],
-                       tensor_parallel_size: int, bandwidth: float) -> float:
-    """Workload 1's floor: each decode step reads the weights once (as many steps as the longest
-    request), and every token's K and V are read at every later step of its request."""
+def throughput_floor_parts_s(cfg: ModelConfig, itemsize: int, prompt_lens: list[int], max_tokens: list[int],
+                             tensor_parallel_size: int, bandwidth: float) -> dict:
+    """Workload 1's floor in its two parts, seconds: ``weights`` (each decode step reads the weights once, as
+    many steps as the longest request) and ``kv`` (every token's K and V are read at every later step of its
+    request)."""
     steps = max(max_tokens)
     kv_reads = sum(p * n + n * (n - 1) // 2 for p, n in zip(prompt_lens, max_tokens))
-    return ((steps * weight_bytes(cfg, itemsize) + kv_reads * kv_bytes_per_token(cfg, itemsize))
-            / tensor_parallel_size / bandwidth)
+    per_gpu = tensor_parallel_size * bandwidth
+    return dict(weights=steps * weight_bytes(cfg, itemsize) / per_gpu,
+                kv=kv_reads * kv_bytes_per_token(cfg, itemsize) / per_gpu)
 
 
 def measure_ceilings(reps: int = 5) -> dict:

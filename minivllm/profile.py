@@ -58,6 +58,27 @@ def category_of(name: str) -> str:
     return next((cat for cat, pat in NAME_RULES if re.search(pat, name, re.I)), "other")
 
 
+# A whole run's kernels are named, not labelled (CUDA-graph replays run no Python): the sampler by its kernels.
+RUN_NAME_RULES = [("sampler", "gumbel_argmax|top_k_top_p")] + NAME_RULES
+
+
+def gpu_time_by_category(prof) -> dict:
+    """The GPU kernels (and copies) a profiler recorded over a whole run: ``seconds`` per category of their names
+    (the sampler's own, then ``NAME_RULES``), ``busy_s`` their sum and ``span_s`` from the first one's start to
+    the last one's end; ``span_s - busy_s`` is the time the GPU ran nothing (less where kernels overlapped)."""
+    ranges, seconds = [], collections.Counter()
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA or ev.name.startswith(("mv::", "ProfilerStep")):
+            continue
+        start, end = ev.time_range.start, ev.time_range.end
+        ranges.append((start, end))
+        seconds[next((c for c, pat in RUN_NAME_RULES if re.search(pat, ev.name, re.I)), "other")] += (end - start) / 1e6
+    if not ranges:
+        return dict(seconds={}, busy_s=0.0, span_s=0.0, kernels=0)
+    return dict(seconds=dict(seconds.most_common()), busy_s=sum(seconds.values()),
+                span_s=(max(e for _, e in ranges) - min(s for s, _ in ranges)) / 1e6, kernels=len(ranges))
+
+
 def instrument(llm: LLM):
     """record_function labels 'mv::<category>::<op>' around every op of a step; returns an undo."""
     model, undo = llm.model_runner.model, []
