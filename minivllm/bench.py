@@ -77,10 +77,20 @@ def memory_fields(llm: LLM) -> dict:
     return dict(peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20, kv_cache_mb=stats.pop("kv_pool_mb"), **stats)
 
 
+def profiled_run(llm: LLM, prompts, params) -> dict:
+    """``run_profile``: one more ``generate`` under the profiler, its GPU time by kernel category
+    (``minivllm.profile.gpu_time_by_category``) and its wall time, which the profiler lengthens."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from minivllm.profile import gpu_time_by_category
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        wall_s = timed_generate(llm, prompts, params)
+    return dict(run_profile=dict(gpu_time_by_category(prof), wall_s=wall_s))
+
+
 def throughput(args, ceilings, emit):
-    """Workload 1: nano-vLLM's benchmark; ``latency_ms`` is the median wall time of ``generate``. With
-    ``--profile-run`` one more ``generate``, under the profiler, splits the GPU's time by kernel category
-    (``run_profile``: its wall time is the profiler's, not the timed runs')."""
+    """Workload 1: nano-vLLM's benchmark; ``latency_ms`` is the median wall time of ``generate``, and with
+    ``--profile-run`` a row has its ``run_profile`` too."""
     requests = workloads.throughput_requests(args.num_seqs)
     prompts = [r.prompt_token_ids for r in requests]
     params = [SamplingParams(temperature=r.temperature, ignore_eos=r.ignore_eos, max_tokens=r.max_tokens)
@@ -94,14 +104,7 @@ def throughput(args, ceilings, emit):
         floor = throughput_floor_parts_s(cfg, itemsize, [len(p) for p in prompts], [r.max_tokens for r in requests],
                                          tp, ceilings["copy_bytes_per_s"])
         floor_s = sum(floor.values())
-        profiled = {}
-        if args.profile_run:
-            from torch.profiler import ProfilerActivity, profile
-
-            from minivllm.profile import gpu_time_by_category
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                wall_s = timed_generate(llm, prompts, params)
-            profiled = dict(run_profile=dict(gpu_time_by_category(prof), wall_s=wall_s))
+        profiled = profiled_run(llm, prompts, params) if args.profile_run else {}
         emit(dict(base_row(llm, args, "throughput"), batch_size=len(requests), seq_len=None,
                   output_tokens=out_tokens, **s, seconds=s["latency_ms"] / 1e3,
                   throughput_tokens_per_sec=1e3 * out_tokens / s["latency_ms"],
@@ -141,7 +144,8 @@ def latency(args, ceilings, emit):
 
 
 def ttft(args, ceilings, emit):
-    """Workload 3: time to first token at batch 1 (a generate of one token, from a cold cache)."""
+    """Workload 3: time to first token at batch 1 (a generate of one token, from a cold cache); with
+    ``--profile-run`` a row has its ``run_profile`` too."""
     for llm in engines(args, max_model_len=max(args.prompt_lens) + 8):
         llm.generate([[1] * 16], SamplingParams(max_tokens=2), use_tqdm=False)
         for plen in args.prompt_lens:
@@ -149,8 +153,9 @@ def ttft(args, ceilings, emit):
             params = SamplingParams(temperature=0, max_tokens=1)
             timed_generate(llm, [prompt], params)  # autotunes this prompt shape's kernels
             s = stats([1e3 * timed_generate(llm, [prompt], params) for _ in range(args.reps)])
+            profiled = profiled_run(llm, [prompt], params) if args.profile_run else {}
             emit(dict(base_row(llm, args, "ttft"), batch_size=1, seq_len=plen, **s,
-                      throughput_tokens_per_sec=1e3 * plen / s["latency_ms"]))
+                      throughput_tokens_per_sec=1e3 * plen / s["latency_ms"], **profiled))
 
 
 def peer_rows(args, emit, failed: dict, save):
@@ -217,7 +222,7 @@ def main(argv=None):
     parser.add_argument("--prefill-graphs", default="on", choices=("on", "off", "on,off", "off,on"),
                         help="small prefill steps replayed from padded graphs (Config.prefill_graphs): on, off or both")
     parser.add_argument("--profile-run", action="store_true",
-                        help="throughput: one more run under the profiler, its GPU time by kernel category")
+                        help="throughput, ttft: one more run under the profiler, its GPU time by kernel category")
     parser.add_argument("--out", default="data/results")
     parser.add_argument("--tag", default="", help="suffix for the result file's benchmark name")
     args = parser.parse_args(argv)
@@ -249,7 +254,7 @@ def main(argv=None):
     rows, failed = [], {}
 
     def save():
-        write_result(name + args.tag, rows, args.out, "python -m minivllm.bench", argv, ceilings=ceilings,
+        return write_result(name + args.tag, rows, args.out, "python -m minivllm.bench", argv, ceilings=ceilings,
                      failed_peers=failed, autotuned=autotuned_configs())
 
     def emit(row):  # the file is rewritten after every row: a run cut short keeps what it measured
@@ -259,7 +264,7 @@ def main(argv=None):
 
     fn(args, ceilings, emit)
     peer_rows(args, emit, failed, save)
-    save()
+    return save()
 
 
 if __name__ == "__main__":

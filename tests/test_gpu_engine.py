@@ -180,3 +180,15 @@ def test_qwen3_06b_full_fusion_runs_at_most_6_kernels_per_layer_at_decode(qwen3_
     assert all(a > b for a, b in zip(ladder, ladder[1:])), counts
     if counts["full"][0] > 6:  # the goal, kept visible rather than lowered
         pytest.xfail(f"goal of <= 6 kernels per layer missed: {counts['full'][0]:.0f} (kernels/NOTES.md)")
+
+
+def test_ttft_benchmark_splits_a_profiled_runs_gpu_time(qwen3_06b, tmp_path):
+    import json
+
+    from minivllm import bench
+    path = bench.main(["ttft", "--model", qwen3_06b, "--fusion", "full", "--prompt-lens", "128", "--reps", "1",
+                       "--profile-run", "--out", str(tmp_path)])
+    run = json.loads(open(path).read())["rows"][0]["run_profile"]
+    assert run["kernels"] > 28 and "attention" in run["seconds"]
+    assert sum(run["seconds"].values()) == pytest.approx(run["busy_s"])
+    assert 0 < run["span_s"] <= run["wall_s"]
