@@ -32,6 +32,9 @@ Writes ``<out>/kernels-<gpu slug>.json`` and prints a table. Implementations (bf
                       (torch_sort) and gumbel_argmax (one pass); the floor is one read of the logits
   decode_attention    (--attention) paged_attention at decode, batch 1-256, contexts 512-8192 keys, against
                       one read of the KV cache
+  prefill_attention   (--attention) paged_attention over one prompt of 512-8,192 tokens (causal), and
+                      torch's scaled_dot_product_attention on the same tensors (torch_sdpa), against the
+                      causal FLOPs at the matmul rate
   pdl_chain           (--pdl) programmatic dependent launch (kernels.guard) on and off: chains of
                       PDL_LAYERS * 4 M=1 GEMVs of one Qwen3-0.6B shape each (own weights, so HBM
                       reads; configs pinned: PDL_GEMV_CONFIGS), one CUDA graph per chain;
@@ -411,6 +414,58 @@ def bench_attention(rep, batches=ATTENTION_BATCHES, contexts=ATTENTION_CONTEXTS)
     return rows
 
 
+PREFILL_ATTENTION_TOKENS = (512, 2048, 8192)
+
+
+def bench_prefill_attention(rep, tokens=PREFILL_ATTENTION_TOKENS):
+    """Prefill attention: one prompt of ``tokens`` new tokens over the paged bf16 cache that holds them (causal,
+    ``paged_attention``'s varlen path as the engine's prefill calls it), at Qwen3-0.6B's heads; beside it torch's
+    ``scaled_dot_product_attention`` (its fastest backend on the GPU: a flash kernel) on the same q, K, V laid out
+    contiguously. The floor is the causal FLOPs (QK^T and PV over the keys each query sees) at the measured bf16
+    matmul rate: prefill attention is compute-bound."""
+    import torch.nn.functional as F
+
+    from kernels.paged_attention import paged_attention, paged_attention_ref
+    model = MODELS[0]
+    hq, hkv, d = model.num_q_heads, model.num_kv_heads, model.head_dim
+    rows = []
+    for n in tokens:
+        blocks = triton.cdiv(n, ATTENTION_BLOCK)
+        q, k, v = (torch.randn(n, h, d, device="cuda", dtype=DTYPE) for h in (hq, hkv, hkv))
+        order = torch.randperm(blocks, device="cuda", dtype=torch.int32)
+        cache = torch.zeros(2, blocks, ATTENTION_BLOCK, hkv, d, device="cuda", dtype=DTYPE)
+        for i, kv in enumerate((k, v)):  # token t in table entry t // block, slot t % block
+            padded = torch.zeros(blocks * ATTENTION_BLOCK, hkv, d, device="cuda", dtype=DTYPE)
+            padded[:n] = kv
+            cache[i][order.long()] = padded.view(blocks, ATTENTION_BLOCK, hkv, d)
+        paged = (q, cache[0], cache[1], torch.tensor([0, n], device="cuda", dtype=torch.int32),
+                 torch.tensor([n], device="cuda", dtype=torch.int32), order.view(1, blocks))
+        dense = tuple(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, n, d]
+
+        def ours(s):
+            return paged_attention(*s, d**-0.5, max_seqlen_q=n, max_seqlen_k=n, decode=False)
+
+        def sdpa(s):
+            return F.scaled_dot_product_attention(*s, is_causal=True, scale=d**-0.5, enable_gqa=True)
+
+        err = None
+        if n <= 2048:  # the fp64 reference: every query's scores in memory
+            exact = paged_attention_ref(*(t.double() if t.is_floating_point() else t for t in paged), d**-0.5)
+            err = rel_err(ours(paged)[-ERR_ROWS:], exact[-ERR_ROWS:])  # the last queries: they see every key
+        flops = 4 * hq * d * n * (n + 1) / 2  # QK^T and PV, 2 FLOPs a multiply-add, over the causal keys
+        floor = flops / CEILINGS["bf16_matmul_flops_per_s"] * 1e6
+        for impl, fn, s in (("fused", ours, paged), ("torch_sdpa", sdpa, dense)):
+            us = time_us(fn, [s], rep)
+            rows.append({"op": "prefill_attention", "model": model.name, "M": n, "N": n, "K": d, "dtype": "bf16",
+                         "impl": impl, "us_median": us, "floor_us": floor, "tflops": flops / us / 1e6,
+                         "rel_err_vs_fp64": err if impl == "fused" else None,
+                         "config": {"block_size": ATTENTION_BLOCK}})
+            print(f"  prefill attention {n:<5} tokens {impl:<10} {us:9.2f} us (floor {floor:.2f}, {us / floor:5.2f}x, "
+                  f"{flops / us / 1e6:4.0f} TFLOP/s)", flush=True)
+        torch.cuda.empty_cache()
+    return rows
+
+
 PDL_LAYERS = 14  # x 4 GEMVs: 56-kernel chains, half the 113 weight-streaming kernels of a 0.6B decode step
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMV per shape: the H100 autotuner's choices at M = 1
 # (kernels-decode-nvidia-h100-80gb-hbm3.json). Fixed, so that the chains autotune nothing (seconds of
@@ -596,7 +651,8 @@ def main(argv=None):
     parser.add_argument("--sweep", action="store_true", help="add the BLOCK_N x BLOCK_K sweep at M=1")
     parser.add_argument("--sampler", action="store_true", help=f"add the sampler (batch {SAMPLER_MS})")
     parser.add_argument("--attention", action="store_true",
-                        help=f"add decode attention (batch {ATTENTION_BATCHES}, context {ATTENTION_CONTEXTS})")
+                        help=f"add decode attention (batch {ATTENTION_BATCHES}, context {ATTENTION_CONTEXTS}) and "
+                             f"prefill attention (one prompt of {PREFILL_ATTENTION_TOKENS} tokens)")
     parser.add_argument("--pdl", action="store_true", help=f"add GEMV chains ({4 * PDL_LAYERS} kernels in a CUDA "
                                                              "graph) with programmatic dependent launch on and off")
     parser.add_argument("--out", default="data/results", help="output folder")
@@ -652,7 +708,7 @@ def main(argv=None):
             rows += bench_sampler(rep)
             save()
         if args.attention:
-            rows += bench_attention(rep)
+            rows += bench_attention(rep) + bench_prefill_attention(rep)
             save()
     if args.pdl:
         if not PDL_ALLOWED:

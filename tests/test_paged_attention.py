@@ -296,3 +296,15 @@ def test_attention_benchmark_times_decode_against_the_kv_floor():
     for r in rows:
         assert r["us_median"] > 0 and r["floor_us"] > 0 and r["config"]["num_splits"] >= 1
         assert r["rel_err_vs_fp64"] < 1e-2
+
+
+@pytest.mark.gpu
+def test_prefill_attention_benchmark_times_ours_beside_torch_sdpa_against_the_flop_floor():
+    from kernels import bench
+    bench.CEILINGS.update(bench.measure_ceilings())
+    rows = bench.bench_prefill_attention(rep=5, tokens=(300, 512))
+    assert [(r["M"], r["impl"]) for r in rows] == [(300, "fused"), (300, "torch_sdpa"), (512, "fused"),
+                                                   (512, "torch_sdpa")]
+    for r in rows:
+        assert r["us_median"] > 0 and r["floor_us"] > 0 and r["tflops"] > 0
+    assert all(r["rel_err_vs_fp64"] < 1e-2 for r in rows if r["impl"] == "fused")
