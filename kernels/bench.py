@@ -434,10 +434,9 @@ def bench_prefill_attention(rep, tokens=PREFILL_ATTENTION_TOKENS):
         q, k, v = (torch.randn(n, h, d, device="cuda", dtype=DTYPE) for h in (hq, hkv, hkv))
         order = torch.randperm(blocks, device="cuda", dtype=torch.int32)
         cache = torch.zeros(2, blocks, ATTENTION_BLOCK, hkv, d, device="cuda", dtype=DTYPE)
-        for i, kv in enumerate((k, v)):  # token t in table entry t // block, slot t % block
-            padded = torch.zeros(blocks * ATTENTION_BLOCK, hkv, d, device="cuda", dtype=DTYPE)
-            padded[:n] = kv
-            cache[i][order.long()] = padded.view(blocks, ATTENTION_BLOCK, hkv, d)
+        t = torch.arange(n, device="cuda")  # token t in table entry t // block, slot t % block, as the engine stores
+        slots = order[t // ATTENTION_BLOCK].long() * ATTENTION_BLOCK + t % ATTENTION_BLOCK
+        store_kvcache(k, v, cache[0], cache[1], slots)
         paged = (q, cache[0], cache[1], torch.tensor([0, n], device="cuda", dtype=torch.int32),
                  torch.tensor([n], device="cuda", dtype=torch.int32), order.view(1, blocks))
         dense = tuple(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, n, d]

@@ -54,8 +54,13 @@ VIEWS = {"aten::view", "aten::reshape", "aten::split", "aten::chunk", "aten::fla
          "aten::_local_scalar_dense", "aten::is_nonzero", "aten::result_type"}
 
 
-def category_of(name: str) -> str:
-    return next((cat for cat, pat in NAME_RULES if re.search(pat, name, re.I)), "other")
+def category_of(name: str, rules=NAME_RULES) -> str:
+    return next((cat for cat, pat in rules if re.search(pat, name, re.I)), "other")
+
+
+def is_gpu_kernel(ev) -> bool:
+    """A kernel or copy on the GPU's timeline (record_function ranges come back there too, as annotations)."""
+    return ev.device_type == torch.autograd.DeviceType.CUDA and not ev.name.startswith(("mv::", "ProfilerStep"))
 
 
 # A whole run's kernels are named, not labelled (CUDA-graph replays run no Python): the sampler by its kernels.
@@ -67,12 +72,10 @@ def gpu_time_by_category(prof) -> dict:
     (the sampler's own, then ``NAME_RULES``), ``busy_s`` their sum and ``span_s`` from the first one's start to
     the last one's end; ``span_s - busy_s`` is the time the GPU ran nothing (less where kernels overlapped)."""
     ranges, seconds = [], collections.Counter()
-    for ev in prof.events():
-        if ev.device_type != torch.autograd.DeviceType.CUDA or ev.name.startswith(("mv::", "ProfilerStep")):
-            continue
+    for ev in filter(is_gpu_kernel, prof.events()):
         start, end = ev.time_range.start, ev.time_range.end
         ranges.append((start, end))
-        seconds[next((c for c, pat in RUN_NAME_RULES if re.search(pat, ev.name, re.I)), "other")] += (end - start) / 1e6
+        seconds[category_of(ev.name, RUN_NAME_RULES)] += (end - start) / 1e6
     if not ranges:
         return dict(seconds={}, busy_s=0.0, span_s=0.0, kernels=0)
     return dict(seconds=dict(seconds.most_common()), busy_s=sum(seconds.values()),
@@ -142,8 +145,7 @@ def step_kernels(prof, on_gpu: bool):
     out = [[] for _ in steps]
     for ev in events:
         if on_gpu:
-            # record_function ranges come back on the GPU timeline too (as mv::... annotations): not kernels
-            if ev.device_type != torch.autograd.DeviceType.CUDA or ev.name.startswith(("mv::", "ProfilerStep")):
+            if not is_gpu_kernel(ev):
                 continue
             linked = getattr(ev, "linked_correlation_id", None)
             launch = by_id.get(linked) if linked else launches.get(ev.id)

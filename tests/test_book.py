@@ -88,12 +88,18 @@ def test_smoke_build(tmp_path):
         assert re.search(rf"{slug} \.\.\. ok", log), f"{slug} not executed"
 
 
-def test_build_rejects_chapters_that_print_rerun_notes_or_tracebacks(tmp_path):
+def book_build():
+    """book/build.py as a module (book/ is not a package)."""
     sys.path.insert(0, str(ROOT / "book"))
     try:
-        from build import output_problems
+        import build
     finally:
         sys.path.remove(str(ROOT / "book"))
+    return build
+
+
+def test_build_rejects_chapters_that_print_rerun_notes_or_tracebacks(tmp_path):
+    output_problems = book_build().output_problems
     v4 = nbformat.v4
 
     def problems(*outputs):
@@ -110,11 +116,7 @@ def test_build_rejects_chapters_that_print_rerun_notes_or_tracebacks(tmp_path):
 
 
 def test_build_names_published_chapters_executed_from_an_older_source(tmp_path):
-    sys.path.insert(0, str(ROOT / "book"))
-    try:
-        from build import changed_cells
-    finally:
-        sys.path.remove(str(ROOT / "book"))
+    changed_cells = book_build().changed_cells
     v4 = nbformat.v4
     source = v4.new_notebook(cells=[v4.new_markdown_cell("# 1. t"), v4.new_code_cell("profile = 'auto'"),
                                     v4.new_code_cell("x = 1")])
